@@ -147,3 +147,110 @@ pub fn qemu_microvm_args(kernel: &Path, initrd: &Path, append: &str, marker: &Pa
     ])
     .collect()
 }
+
+/// The members (name, contents) of a gzipped initramfs, every concatenated newc archive in turn, as
+/// Linux unpacks it (`cpio -t` stops at the first archive's trailer).
+pub fn initramfs_members(archive: &Path) -> Vec<(String, Vec<u8>)> {
+    let out = Command::new("zcat")
+        .arg(archive)
+        .output()
+        .expect("running zcat");
+    assert!(out.status.success(), "zcat {} failed", archive.display());
+    parse_newc(&out.stdout).unwrap_or_else(|e| panic!("{}: {e}", archive.display()))
+}
+
+fn parse_newc(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let pad4 = |n: usize| (4 - n % 4) % 4;
+    let mut members = Vec::new();
+    while !data.is_empty() {
+        if data[0] == 0 {
+            // zero padding between concatenated archives
+            data = &data[1..];
+            continue;
+        }
+        if data.len() < 110 || &data[..6] != b"070701" {
+            return Err(format!(
+                "no newc header where one should start ({} bytes left)",
+                data.len()
+            ));
+        }
+        let field = |i: usize| -> Result<usize, String> {
+            let hex =
+                std::str::from_utf8(&data[6 + 8 * i..14 + 8 * i]).map_err(|e| e.to_string())?;
+            usize::from_str_radix(hex, 16).map_err(|e| e.to_string())
+        };
+        let (filesize, namesize) = (field(6)?, field(11)?);
+        let name_end = 110 + namesize;
+        let data_start = name_end + pad4(name_end);
+        let data_end = data_start + filesize;
+        if data.len() < data_end {
+            return Err("truncated member".into());
+        }
+        let name = String::from_utf8_lossy(&data[110..name_end - 1]).into_owned();
+        if name != "TRAILER!!!" {
+            let name = name.trim_start_matches("./").to_string();
+            members.push((name, data[data_start..data_end].to_vec()));
+        }
+        data = &data[(data_end + pad4(data_end)).min(data.len())..];
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_newc;
+
+    fn member(name: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            1,
+            0o100644,
+            0,
+            0,
+            1,
+            0,
+            body.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        )
+        .into_bytes();
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(body);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn newc_reads_every_concatenated_archive() {
+        let mut data = member("init", b"#!/bin/sh\n");
+        data.extend(member("TRAILER!!!", b""));
+        data.extend([0u8; 512]);
+        data.extend(member("tapir/run", b"exit 0\n"));
+        data.extend(member("TRAILER!!!", b""));
+        let members = parse_newc(&data).expect("valid archives");
+        assert_eq!(
+            members,
+            vec![
+                ("init".to_string(), b"#!/bin/sh\n".to_vec()),
+                ("tapir/run".to_string(), b"exit 0\n".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn newc_rejects_garbage_and_truncation() {
+        assert!(parse_newc(b"not an archive at all, clearly not").is_err());
+        let whole = member("init", b"0123456789");
+        assert!(parse_newc(&whole[..whole.len() - 6]).is_err());
+    }
+}

@@ -1,0 +1,45 @@
+//! `readv`/`writev` on the caller's buffers, with EAGAIN turned into `Ok(None)` and EINTR retried.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+
+fn outcome(ret: isize) -> Option<io::Result<Option<usize>>> {
+    if ret >= 0 {
+        return Some(Ok(Some(ret as usize)));
+    }
+    let err = io::Error::last_os_error();
+    match err.kind() {
+        io::ErrorKind::Interrupted => None,
+        io::ErrorKind::WouldBlock => Some(Ok(None)),
+        _ => Some(Err(err)),
+    }
+}
+
+/// Reads one datagram or frame from `fd` into `bufs`.
+pub(crate) fn readv(fd: impl AsFd, bufs: &mut [IoSliceMut<'_>]) -> io::Result<Option<usize>> {
+    let fd = fd.as_fd().as_raw_fd();
+    let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+    loop {
+        // SAFETY: IoSliceMut is ABI-compatible with `struct iovec`; each borrows memory writable for its
+        // length for the whole call, and `count` does not exceed the slice's length.
+        let ret = unsafe { libc::readv(fd, bufs.as_ptr().cast(), count) };
+        if let Some(r) = outcome(ret) {
+            return r;
+        }
+    }
+}
+
+/// Writes one datagram or frame gathered from `bufs` to `fd`.
+pub(crate) fn writev(fd: impl AsFd, bufs: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
+    let fd = fd.as_fd().as_raw_fd();
+    let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+    loop {
+        // SAFETY: IoSlice is ABI-compatible with `struct iovec`; each borrows memory readable for its
+        // length for the whole call, and `count` does not exceed the slice's length.
+        let ret = unsafe { libc::writev(fd, bufs.as_ptr().cast(), count) };
+        if let Some(r) = outcome(ret) {
+            return r;
+        }
+    }
+}

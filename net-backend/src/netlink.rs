@@ -1,0 +1,263 @@
+//! rtnetlink requests the backend needs, in the calling thread's network namespace: look a link up by
+//! name, create a macvtap on a lower device, delete a link.
+
+use std::io;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVtapMode,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::mac::MacAddr;
+
+/// Errors of rtnetlink requests.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening a NETLINK_ROUTE socket")]
+    Socket(#[source] io::Error),
+    #[error("rtnetlink request to {what}")]
+    Request {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rtnetlink answer to {what} could not be parsed: {detail}")]
+    Parse { what: String, detail: String },
+}
+
+/// macvtap modes (IFLA_MACVLAN_MODE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MacvtapMode {
+    #[default]
+    Bridge,
+    Vepa,
+    Private,
+    Passthru,
+}
+
+impl MacvtapMode {
+    fn to_netlink(self) -> MacVtapMode {
+        match self {
+            MacvtapMode::Bridge => MacVtapMode::Bridge,
+            MacvtapMode::Vepa => MacVtapMode::Vepa,
+            MacvtapMode::Private => MacVtapMode::Private,
+            MacvtapMode::Passthru => MacVtapMode::Passthrough,
+        }
+    }
+}
+
+impl std::str::FromStr for MacvtapMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bridge" => Ok(MacvtapMode::Bridge),
+            "vepa" => Ok(MacvtapMode::Vepa),
+            "private" => Ok(MacvtapMode::Private),
+            "passthru" => Ok(MacvtapMode::Passthru),
+            _ => Err(format!(
+                "unknown macvtap mode {s:?}: use bridge, vepa, private or passthru"
+            )),
+        }
+    }
+}
+
+/// What rtnetlink says about one link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// IFLA_INFO_KIND: "macvtap", "veth", "tun" ...; None for plain devices.
+    pub kind: Option<String>,
+    pub mac: Option<MacAddr>,
+    pub mtu: Option<u32>,
+    /// IFF_UP and IFF_LOWER_UP both set.
+    pub running: bool,
+}
+
+/// A NETLINK_ROUTE socket bound in the calling thread's network namespace.
+pub struct Rtnl {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        socket.bind_auto().map_err(NetlinkError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Socket)?;
+        Ok(Rtnl { socket, seq: 0 })
+    }
+
+    /// The link called `name`, or None when there is none.
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        let what = format!("look up link {name}");
+        match self.request(RouteNetlinkMessage::GetLink(msg), 0, &what) {
+            Ok(answers) => Ok(answers.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(parse_link(&link)),
+                _ => None,
+            })),
+            Err(NetlinkError::Request { source, .. })
+                if source.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates macvtap `name` on `lower` (an interface index) with `mac` and `mode`, already up.
+    pub fn create_macvtap(
+        &mut self,
+        name: &str,
+        lower: u32,
+        mac: MacAddr,
+        mode: MacvtapMode,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg.attributes.push(LinkAttribute::Link(lower));
+        msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::MacVtap),
+            LinkInfo::Data(InfoData::MacVtap(vec![InfoMacVtap::Mode(
+                mode.to_netlink(),
+            )])),
+        ]));
+        let what = format!("create macvtap {name} ({mode:?}, {mac}) on link #{lower}");
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &what,
+        )
+        .map(drop)
+    }
+
+    /// Deletes the link with index `index`.
+    pub fn delete_link(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        let what = format!("delete link #{index}");
+        self.request(RouteNetlinkMessage::DelLink(msg), 0, &what)
+            .map(drop)
+    }
+
+    /// Sends one request with NLM_F_ACK and collects the answers up to the ACK.
+    fn request(
+        &mut self,
+        payload: RouteNetlinkMessage,
+        flags: u16,
+        what: &str,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut packet =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(payload));
+        packet.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        packet.header.sequence_number = self.seq;
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        let req_err = |source| NetlinkError::Request {
+            what: what.into(),
+            source,
+        };
+        self.socket.send(&buf, 0).map_err(req_err)?;
+
+        let mut answers = Vec::new();
+        let mut rx = vec![0u8; 64 * 1024];
+        loop {
+            let size = self.socket.recv(&mut &mut rx[..], 0).map_err(req_err)?;
+            let mut offset = 0;
+            while offset < size {
+                let msg: NetlinkMessage<RouteNetlinkMessage> =
+                    NetlinkMessage::deserialize(&rx[offset..size]).map_err(|e| {
+                        NetlinkError::Parse {
+                            what: what.into(),
+                            detail: e.to_string(),
+                        }
+                    })?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                None => Ok(answers),
+                                Some(code) => {
+                                    Err(req_err(io::Error::from_raw_os_error(-code.get())))
+                                }
+                            };
+                        }
+                        NetlinkPayload::Done(_) => return Ok(answers),
+                        NetlinkPayload::InnerMessage(m) => answers.push(m),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+}
+
+fn parse_link(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        kind: None,
+        mac: None,
+        mtu: None,
+        running: msg.header.flags.contains(LinkFlags::Up)
+            && msg.header.flags.contains(LinkFlags::LowerUp),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = Some(*m),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                let mut b = [0u8; 6];
+                b.copy_from_slice(a);
+                link.mac = Some(MacAddr(b));
+            }
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        link.kind = Some(kind.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_modes() {
+        for (text, mode) in [
+            ("bridge", MacvtapMode::Bridge),
+            ("vepa", MacvtapMode::Vepa),
+            ("private", MacvtapMode::Private),
+            ("passthru", MacvtapMode::Passthru),
+        ] {
+            assert_eq!(text.parse::<MacvtapMode>(), Ok(mode));
+        }
+        assert!("Bridge".parse::<MacvtapMode>().is_err());
+        assert!("source".parse::<MacvtapMode>().is_err());
+    }
+}

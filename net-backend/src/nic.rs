@@ -1,0 +1,667 @@
+//! One NIC's host side: what `--net SPEC` names (an existing macvtap, a macvtap to create on a lower
+//! device, a tap, a ready fd), opened as one [`TapQueue`] per queue pair, with the guest MAC it implies.
+//! A macvtap Tapir created is deleted when the [`Nic`] is dropped; a `/dev/tapN` node Tapir had to make
+//! (no udev) lives in a private directory only while the queues are being opened.
+
+use std::fs;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::mac::{MacAddr, MacError};
+use crate::netlink::{Link, MacvtapMode, NetlinkError, Rtnl};
+use crate::tap::{TapError, TapQueue};
+
+/// What a NIC's host side is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NicKind {
+    /// `macvtap=NAME`: an existing macvtap.
+    Macvtap(String),
+    /// `link=LOWER[,mode=M]`: a macvtap Tapir creates on LOWER and deletes on exit.
+    Link { lower: String, mode: MacvtapMode },
+    /// `tap=NAME`: a tap through /dev/net/tun.
+    Tap(String),
+    /// `fd=N`: a ready tap or macvtap fd handed over by the caller.
+    Fd(RawFd),
+}
+
+/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicSpec {
+    pub kind: NicKind,
+    pub mac: Option<MacAddr>,
+    pub queues: usize,
+}
+
+/// Most queue pairs a NIC may ask for (the kernel's MAX_TAP_QUEUES is 256).
+pub const MAX_QUEUES: usize = 16;
+
+/// Errors of parsing a spec and of opening a NIC.
+#[derive(Debug, thiserror::Error)]
+pub enum NicError {
+    #[error("--net {spec:?}: {why}")]
+    Spec { spec: String, why: String },
+    #[error("--net {spec:?}")]
+    Mac {
+        spec: String,
+        #[source]
+        source: MacError,
+    },
+    #[error("talking to rtnetlink about {iface}")]
+    Netlink {
+        iface: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error("there is no network interface called {0} (in this network namespace)")]
+    NoSuchLink(String),
+    #[error("{name} is a {kind} interface, not a macvtap")]
+    NotMacvtap { name: String, kind: String },
+    #[error("reading {path} (the char device of macvtap {iface}); is /sys mounted for this network namespace?")]
+    Sysfs {
+        iface: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} exists but is {found}, not the char device {major}:{minor} of macvtap {iface} (a regular file is what a `3<>{path}` redirection leaves when the node was missing: remove it)")]
+    WrongNode {
+        iface: String,
+        path: String,
+        found: String,
+        major: u32,
+        minor: u32,
+    },
+    #[error("making the device node {path} for macvtap {iface}")]
+    MakeNode {
+        iface: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("permission denied opening {path} for {iface}: run as root or give this user read-write access to it")]
+    Permission { iface: String, path: String },
+    #[error("{iface}: {why}")]
+    Queues { iface: String, why: String },
+    #[error("the guest MAC must equal macvtap {iface}'s, which is {actual}; mac={asked} was given (change the macvtap's with `ip link set {iface} address {asked}` or drop mac=)")]
+    MacMismatch {
+        iface: String,
+        actual: MacAddr,
+        asked: MacAddr,
+    },
+    #[error("macvtap {0} has no MAC address")]
+    NoMac(String),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+impl FromStr for NicSpec {
+    type Err = NicError;
+
+    fn from_str(spec: &str) -> Result<Self, NicError> {
+        let bad = |why: String| NicError::Spec {
+            spec: spec.into(),
+            why,
+        };
+        let mut parts = spec.split(',');
+        let first = parts.next().unwrap_or_default();
+        let (key, value) = first.split_once('=').ok_or_else(|| {
+            bad("expected macvtap=NAME, link=LOWER, tap=NAME or fd=N first".into())
+        })?;
+        if value.is_empty() {
+            return Err(bad(format!("{key}= needs a value")));
+        }
+        let mut mac = None;
+        let mut queues = 1;
+        let mut mode = None;
+        for opt in parts {
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| bad(format!("option {opt:?} is not KEY=VALUE")))?;
+            match k {
+                "mac" => {
+                    mac = Some(MacAddr::parse_unicast(v).map_err(|source| NicError::Mac {
+                        spec: spec.into(),
+                        source,
+                    })?)
+                }
+                "queues" => {
+                    queues = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|q| (1..=MAX_QUEUES).contains(q))
+                        .ok_or_else(|| {
+                            bad(format!("queues={v}: give a number from 1 to {MAX_QUEUES}"))
+                        })?
+                }
+                "mode" => mode = Some(v.parse::<MacvtapMode>().map_err(bad)?),
+                _ => return Err(bad(format!("unknown option {k:?} (mac=, queues=, mode=)"))),
+            }
+        }
+        if mode.is_some() && key != "link" {
+            return Err(bad("mode= only goes with link=".into()));
+        }
+        if !matches!(key, "fd") && value.len() >= libc::IFNAMSIZ {
+            return Err(bad(format!(
+                "interface name {value:?} is longer than 15 bytes"
+            )));
+        }
+        let kind = match key {
+            "macvtap" => NicKind::Macvtap(value.into()),
+            "link" => NicKind::Link {
+                lower: value.into(),
+                mode: mode.unwrap_or_default(),
+            },
+            "tap" => NicKind::Tap(value.into()),
+            "fd" => NicKind::Fd(
+                value
+                    .parse::<RawFd>()
+                    .ok()
+                    .filter(|fd| *fd >= 0)
+                    .ok_or_else(|| bad(format!("fd={value} is not a file descriptor number")))?,
+            ),
+            _ => {
+                return Err(bad(format!(
+                    "unknown kind {key:?}: use macvtap=, link=, tap= or fd="
+                )))
+            }
+        };
+        if matches!(kind, NicKind::Fd(_)) && queues != 1 {
+            return Err(bad(format!(
+                "fd= hands over one queue but queues={queues} was asked"
+            )));
+        }
+        Ok(NicSpec { kind, mac, queues })
+    }
+}
+
+/// Where device nodes are looked for and made.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Where udev puts `tapN` nodes (default `/dev`).
+    pub dev_dir: PathBuf,
+    /// Where Tapir makes a private directory for a node it has to create (default
+    /// `$XDG_RUNTIME_DIR/tapir`, else `/run/tapir`).
+    pub runtime_dir: PathBuf,
+    /// Name for a macvtap created with `link=` (default: `tpr<pid>n<counter>`).
+    pub link_name: Option<String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(|d| PathBuf::from(d).join("tapir"))
+            .unwrap_or_else(|| PathBuf::from("/run/tapir"));
+        OpenOptions {
+            dev_dir: PathBuf::from("/dev"),
+            runtime_dir,
+            link_name: None,
+        }
+    }
+}
+
+/// A macvtap Tapir created; deleted on drop.
+#[derive(Debug)]
+struct CreatedLink {
+    index: u32,
+    name: String,
+}
+
+impl Drop for CreatedLink {
+    fn drop(&mut self) {
+        let result = Rtnl::open().and_then(|mut rtnl| rtnl.delete_link(self.index));
+        match result {
+            Ok(()) => log::debug!("deleted macvtap {}", self.name),
+            Err(e) => log::error!("deleting macvtap {} (#{}): {e}", self.name, self.index),
+        }
+    }
+}
+
+/// A device node Tapir made in a private directory; removed (with the directory) on drop.
+struct PrivateNode {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Drop for PrivateNode {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// One NIC's host side, open.
+#[derive(Debug)]
+pub struct Nic {
+    iface: String,
+    mac: MacAddr,
+    mtu: Option<u32>,
+    queues: Vec<TapQueue>,
+    offloads: u32,
+    // Dropped last: the queues' fds go first.
+    created: Option<CreatedLink>,
+}
+
+impl Nic {
+    /// Opens what `spec` names, in the calling thread's network namespace.
+    pub fn open(spec: &NicSpec, opts: &OpenOptions) -> Result<Nic, NicError> {
+        match &spec.kind {
+            NicKind::Macvtap(name) => {
+                let link = lookup(name)?;
+                let mut nic = open_macvtap(&link, spec.queues, opts)?;
+                if let Some(asked) = spec.mac {
+                    if asked != nic.mac {
+                        return Err(NicError::MacMismatch {
+                            iface: name.clone(),
+                            actual: nic.mac,
+                            asked,
+                        });
+                    }
+                }
+                nic.offloads = nic.queues[0].probe_offloads()?;
+                Ok(nic)
+            }
+            NicKind::Link { lower, mode } => {
+                let lower_link = lookup(lower)?;
+                let mac = spec.mac.unwrap_or_else(MacAddr::random_local);
+                let name = opts.link_name.clone().unwrap_or_else(generated_name);
+                let netlink_err = |source| NicError::Netlink {
+                    iface: name.clone(),
+                    source,
+                };
+                let mut rtnl = Rtnl::open().map_err(netlink_err)?;
+                rtnl.create_macvtap(&name, lower_link.index, mac, *mode)
+                    .map_err(netlink_err)?;
+                let link = rtnl
+                    .link_by_name(&name)
+                    .map_err(netlink_err)?
+                    .ok_or_else(|| NicError::NoSuchLink(name.clone()))?;
+                // From here on the guard deletes the macvtap, also when opening it fails.
+                let created = CreatedLink {
+                    index: link.index,
+                    name: name.clone(),
+                };
+                log::info!("created macvtap {name} ({mac}, {mode:?}) on {lower}");
+                let mut nic = open_macvtap(&link, spec.queues, opts)?;
+                nic.created = Some(created);
+                nic.offloads = nic.queues[0].probe_offloads()?;
+                Ok(nic)
+            }
+            NicKind::Tap(name) => {
+                let multi = spec.queues > 1;
+                let mut queues = Vec::with_capacity(spec.queues);
+                for _ in 0..spec.queues {
+                    queues.push(
+                        TapQueue::open_tun(name, multi)
+                            .map_err(|e| tap_open_error(name, spec.queues, e))?,
+                    );
+                }
+                let mtu = lookup(name).ok().and_then(|l| l.mtu);
+                let offloads = queues[0].probe_offloads()?;
+                Ok(Nic {
+                    iface: name.clone(),
+                    mac: spec.mac.unwrap_or_else(MacAddr::random_local),
+                    mtu,
+                    queues,
+                    offloads,
+                    created: None,
+                })
+            }
+            NicKind::Fd(fd) => {
+                // SAFETY: the user handed this fd to Tapir for this NIC; nothing else in Tapir owns it.
+                let owned = unsafe { crate::tap::owned_fd_from_raw(*fd) };
+                let queue = TapQueue::from_fd(owned)?;
+                let iface = queue.iface().to_string();
+                let link = lookup(&iface).ok();
+                // A macvtap's MAC is the guest's; a tap's is the host side's own.
+                let mac = match &link {
+                    Some(l) if l.kind.as_deref() == Some("macvtap") => {
+                        l.mac.ok_or_else(|| NicError::NoMac(iface.clone()))?
+                    }
+                    _ => spec.mac.unwrap_or_else(MacAddr::random_local),
+                };
+                let offloads = queue.probe_offloads()?;
+                Ok(Nic {
+                    iface,
+                    mac,
+                    mtu: link.and_then(|l| l.mtu),
+                    queues: vec![queue],
+                    offloads,
+                    created: None,
+                })
+            }
+        }
+    }
+
+    /// The host interface's name.
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// The MAC the guest must use (for a macvtap, the macvtap's own).
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The interface's MTU when it could be read.
+    pub fn mtu(&self) -> Option<u32> {
+        self.mtu
+    }
+
+    /// The TUN_F_* offloads the kernel accepted on this device; offer the guest only these.
+    pub fn supported_offloads(&self) -> u32 {
+        self.offloads
+    }
+
+    /// Whether the interface is up with carrier, asked afresh.
+    pub fn link_running(&self) -> Result<bool, NicError> {
+        lookup(&self.iface).map(|l| l.running)
+    }
+
+    /// Whether Tapir created this macvtap (and will delete it on drop).
+    pub fn is_created(&self) -> bool {
+        self.created.is_some()
+    }
+
+    pub fn queues(&self) -> &[TapQueue] {
+        &self.queues
+    }
+
+    pub fn queues_mut(&mut self) -> &mut [TapQueue] {
+        &mut self.queues
+    }
+}
+
+fn lookup(name: &str) -> Result<Link, NicError> {
+    let mut rtnl = Rtnl::open().map_err(|source| NicError::Netlink {
+        iface: name.into(),
+        source,
+    })?;
+    rtnl.link_by_name(name)
+        .map_err(|source| NicError::Netlink {
+            iface: name.into(),
+            source,
+        })?
+        .ok_or_else(|| NicError::NoSuchLink(name.into()))
+}
+
+fn generated_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "tpr{}n{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn tap_open_error(name: &str, queues: usize, e: TapError) -> NicError {
+    match &e {
+        TapError::SetIff { source, .. } if source.raw_os_error() == Some(libc::EINVAL) => {
+            NicError::Queues {
+                iface: name.into(),
+                why: format!(
+                "TUNSETIFF refused {} queue(s): the existing tap was created {} IFF_MULTI_QUEUE",
+                queues,
+                if queues > 1 { "without" } else { "with" }
+            ),
+            }
+        }
+        TapError::Open { source, path, .. } if is_permission(source) => NicError::Permission {
+            iface: name.into(),
+            path: path.clone(),
+        },
+        _ => NicError::Tap(e),
+    }
+}
+
+fn is_permission(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+}
+
+/// Opens `queues` queues of the macvtap `link`, finding or making its `/dev/tapN` node.
+fn open_macvtap(link: &Link, queues: usize, opts: &OpenOptions) -> Result<Nic, NicError> {
+    let kind = link.kind.clone().unwrap_or_else(|| "plain".into());
+    if kind != "macvtap" {
+        return Err(NicError::NotMacvtap {
+            name: link.name.clone(),
+            kind,
+        });
+    }
+    let mac = link.mac.ok_or_else(|| NicError::NoMac(link.name.clone()))?;
+    let (major, minor) = char_dev_number(link)?;
+    let node = opts.dev_dir.join(format!("tap{}", link.index));
+    let mut private = None;
+    match fs::symlink_metadata(&node) {
+        Ok(meta) => {
+            let rdev = meta.rdev();
+            let is_ours = meta.file_type().is_char_device()
+                && libc::major(rdev) == major
+                && libc::minor(rdev) == minor;
+            if !is_ours {
+                return Err(NicError::WrongNode {
+                    iface: link.name.clone(),
+                    path: node.display().to_string(),
+                    found: describe(&meta),
+                    major,
+                    minor,
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            private = Some(make_private_node(link, major, minor, opts)?);
+        }
+        Err(source) => {
+            return Err(NicError::MakeNode {
+                iface: link.name.clone(),
+                path: node.display().to_string(),
+                source,
+            })
+        }
+    }
+    let path = private
+        .as_ref()
+        .map_or(node.as_path(), |p| p.path.as_path());
+    let mut opened = Vec::with_capacity(queues);
+    for i in 0..queues {
+        let queue = TapQueue::open_node(path, &link.name).map_err(|e| match e {
+            TapError::Open { ref source, .. } if is_permission(source) => NicError::Permission {
+                iface: link.name.clone(),
+                path: path.display().to_string(),
+            },
+            TapError::Open { ref source, .. }
+                if i > 0 && source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                NicError::Queues {
+                    iface: link.name.clone(),
+                    why: format!("the macvtap accepted {i} queue(s) but {queues} were asked"),
+                }
+            }
+            e => NicError::Tap(e),
+        })?;
+        opened.push(queue);
+    }
+    drop(private);
+    Ok(Nic {
+        iface: link.name.clone(),
+        mac,
+        mtu: link.mtu,
+        queues: opened,
+        offloads: 0,
+        created: None,
+    })
+}
+
+fn char_dev_number(link: &Link) -> Result<(u32, u32), NicError> {
+    let path = format!("/sys/class/net/{}/macvtap/tap{}/dev", link.name, link.index);
+    let sysfs_err = |source| NicError::Sysfs {
+        iface: link.name.clone(),
+        path: path.clone(),
+        source,
+    };
+    let text = fs::read_to_string(&path).map_err(sysfs_err)?;
+    let parsed = text
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    parsed.ok_or_else(|| {
+        sysfs_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected MAJOR:MINOR, found {:?}", text.trim()),
+        ))
+    })
+}
+
+fn describe(meta: &fs::Metadata) -> String {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        "a regular file".into()
+    } else if ft.is_dir() {
+        "a directory".into()
+    } else if ft.is_symlink() {
+        "a symbolic link".into()
+    } else if ft.is_char_device() {
+        format!(
+            "char device {}:{}",
+            libc::major(meta.rdev()),
+            libc::minor(meta.rdev())
+        )
+    } else {
+        "not a char device".into()
+    }
+}
+
+fn make_private_node(
+    link: &Link,
+    major: u32,
+    minor: u32,
+    opts: &OpenOptions,
+) -> Result<PrivateNode, NicError> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = opts.runtime_dir.join(format!(
+        "node-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let path = dir.join(format!("tap{}", link.index));
+    let make_err = |source| NicError::MakeNode {
+        iface: link.name.clone(),
+        path: path.display().to_string(),
+        source,
+    };
+    fs::create_dir_all(&opts.runtime_dir).map_err(make_err)?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(make_err)?;
+    let guard = PrivateNode {
+        dir,
+        path: path.clone(),
+    };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| make_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: mknod reads the NUL-terminated path, which lives until the call returns.
+    let ret = unsafe {
+        libc::mknod(
+            cpath.as_ptr(),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(major, minor),
+        )
+    };
+    if ret < 0 {
+        return Err(make_err(io::Error::last_os_error()));
+    }
+    log::debug!("made {} for macvtap {}", path.display(), link.name);
+    Ok(guard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(spec: &str) -> NicSpec {
+        spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"))
+    }
+
+    #[test]
+    fn parses_specs() {
+        let mac: MacAddr = "52:54:00:00:00:01".parse().expect("mac");
+        let cases = [
+            ("macvtap=mvt0", NicKind::Macvtap("mvt0".into()), None, 1),
+            (
+                "macvtap=mvt0,mac=52:54:00:00:00:01,queues=4",
+                NicKind::Macvtap("mvt0".into()),
+                Some(mac),
+                4,
+            ),
+            (
+                "link=eth1",
+                NicKind::Link {
+                    lower: "eth1".into(),
+                    mode: MacvtapMode::Bridge,
+                },
+                None,
+                1,
+            ),
+            (
+                "link=eth1,mode=vepa,queues=2",
+                NicKind::Link {
+                    lower: "eth1".into(),
+                    mode: MacvtapMode::Vepa,
+                },
+                None,
+                2,
+            ),
+            (
+                "link=eth1,mode=passthru",
+                NicKind::Link {
+                    lower: "eth1".into(),
+                    mode: MacvtapMode::Passthru,
+                },
+                None,
+                1,
+            ),
+            ("tap=tap0,queues=2", NicKind::Tap("tap0".into()), None, 2),
+            ("fd=3,mac=52:54:00:00:00:01", NicKind::Fd(3), Some(mac), 1),
+        ];
+        for (text, kind, mac, queues) in cases {
+            assert_eq!(ok(text), NicSpec { kind, mac, queues }, "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_specs_saying_why() {
+        let cases = [
+            ("mvt0", "expected macvtap=NAME"),
+            ("macvtap=", "needs a value"),
+            ("bridge=br0", "unknown kind"),
+            ("macvtap=mvt0,queues=0", "queues=0"),
+            ("macvtap=mvt0,queues=17", "from 1 to 16"),
+            ("macvtap=mvt0,queues=x", "queues=x"),
+            ("macvtap=mvt0,mode=bridge", "mode= only goes with link="),
+            ("link=eth1,mode=source", "unknown macvtap mode"),
+            ("macvtap=mvt0,speed=10", "unknown option"),
+            ("macvtap=mvt0,mac", "not KEY=VALUE"),
+            ("macvtap=averyveryverylongname", "longer than 15"),
+            ("fd=-1", "not a file descriptor"),
+            ("fd=three", "not a file descriptor"),
+            ("fd=3,queues=2", "hands over one queue"),
+        ];
+        for (text, why) in cases {
+            let err = text.parse::<NicSpec>().expect_err(text).to_string();
+            assert!(err.contains(why), "{text}: {err:?} lacks {why:?}");
+        }
+        let err = "macvtap=m,mac=01:00:5e:00:00:01"
+            .parse::<NicSpec>()
+            .expect_err("multicast");
+        assert!(matches!(
+            err,
+            NicError::Mac {
+                source: MacError::Multicast(_),
+                ..
+            }
+        ));
+    }
+}

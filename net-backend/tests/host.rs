@@ -258,17 +258,7 @@ fn host_tso_v6_frame_is_segmented_and_checksummed() {
 fn host_peer_stack_frames_are_read_with_a_sensible_header() {
     let ns = TestNs::new("rx");
     ns.add_macvtap("mvt0");
-    ip(&[
-        "-n",
-        &ns.name,
-        "neigh",
-        "add",
-        "10.78.0.2",
-        "lladdr",
-        &mac_str(&GUEST_MAC),
-        "dev",
-        "peer0",
-    ]);
+    ns.add_guest_neighbour();
     let o = opts(&ns);
     ns.run(move || {
         let mut nic = Nic::open(&spec("macvtap=mvt0"), &o).expect("opening mvt0");
@@ -310,17 +300,7 @@ fn host_peer_stack_frames_are_read_with_a_sensible_header() {
 fn host_multiqueue_opens_and_spreads_flows() {
     let ns = TestNs::new("mq");
     ns.add_macvtap("mvt0");
-    ip(&[
-        "-n",
-        &ns.name,
-        "neigh",
-        "add",
-        "10.78.0.2",
-        "lladdr",
-        &mac_str(&GUEST_MAC),
-        "dev",
-        "peer0",
-    ]);
+    ns.add_guest_neighbour();
     let o = opts(&ns);
     ns.run(move || {
         let mut nic = Nic::open(&spec("macvtap=mvt0,queues=2"), &o).expect("opening two queues");
@@ -388,11 +368,7 @@ fn host_existing_node_is_used_and_wrong_nodes_are_refused() {
     ns.add_macvtap("mvt0");
     let o = opts(&ns);
     ns.run(move || {
-        let index = ifindex("mvt0");
-        let dev = std::fs::read_to_string(format!("/sys/class/net/mvt0/macvtap/tap{index}/dev"))
-            .expect("sysfs dev");
-        let (major, minor) = dev.trim().split_once(':').expect("MAJOR:MINOR");
-        let node = o.dev_dir.join(format!("tap{index}"));
+        let node = tap_node_path(&o.dev_dir, "mvt0");
 
         // A regular file where the node should be: the `3<>/dev/tapN` trap.
         std::fs::write(&node, b"").expect("regular file");
@@ -402,7 +378,7 @@ fn host_existing_node_is_used_and_wrong_nodes_are_refused() {
         std::fs::remove_file(&node).expect("rm");
 
         // The right node, as udev would make it: used as it is, nothing made in the runtime dir.
-        sh("mknod", &[node.to_str().expect("path"), "c", major, minor]);
+        make_tap_node(&o.dev_dir, "mvt0");
         let nic = Nic::open(&spec("macvtap=mvt0"), &o).expect("opening through the existing node");
         assert!(
             !o.runtime_dir.exists() || std::fs::read_dir(&o.runtime_dir).expect("dir").count() == 0
@@ -484,12 +460,7 @@ fn host_ready_fd_of_a_macvtap_is_accepted() {
     let o = opts(&ns);
     ns.run(move || {
         use std::os::fd::IntoRawFd;
-        let index = ifindex("mvt0");
-        let dev = std::fs::read_to_string(format!("/sys/class/net/mvt0/macvtap/tap{index}/dev"))
-            .expect("sysfs dev");
-        let (major, minor) = dev.trim().split_once(':').expect("MAJOR:MINOR");
-        let node = o.dev_dir.join(format!("tap{index}"));
-        sh("mknod", &[node.to_str().expect("path"), "c", major, minor]);
+        let node = make_tap_node(&o.dev_dir, "mvt0");
         // Opened blocking, as a caller would: Tapir makes it non-blocking.
         let fd = std::fs::OpenOptions::new()
             .read(true)

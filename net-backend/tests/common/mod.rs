@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,22 @@ impl TestNs {
             "type", "macvtap", "mode", "bridge",
         ]);
         ip(&["-n", &self.name, "link", "set", name, "up"]);
+    }
+
+    /// A static neighbour entry on peer0 for the guest's address, so the peer's stack sends to the
+    /// guest's MAC without waiting for ARP answers that no guest gives.
+    pub fn add_guest_neighbour(&self) {
+        ip(&[
+            "-n",
+            &self.name,
+            "neigh",
+            "add",
+            "10.78.0.2",
+            "lladdr",
+            &mac_str(&GUEST_MAC),
+            "dev",
+            "peer0",
+        ]);
     }
 
     /// Names of the macvtap links in the namespace.
@@ -163,6 +179,24 @@ pub fn ifindex(name: &str) -> u32 {
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     assert!(i != 0, "no interface {name} here");
     i
+}
+
+/// Where udev would put macvtap `iface`'s device node in `dir` (call inside the namespace).
+pub fn tap_node_path(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("tap{}", ifindex(iface)))
+}
+
+/// Makes macvtap `iface`'s char device node at [`tap_node_path`], as udev would, and returns its path.
+pub fn make_tap_node(dir: &Path, iface: &str) -> PathBuf {
+    let node = tap_node_path(dir, iface);
+    let dev = std::fs::read_to_string(format!(
+        "/sys/class/net/{iface}/macvtap/tap{}/dev",
+        ifindex(iface)
+    ))
+    .expect("sysfs dev");
+    let (major, minor) = dev.trim().split_once(':').expect("MAJOR:MINOR");
+    sh("mknod", &[node.to_str().expect("path"), "c", major, minor]);
+    node
 }
 
 pub fn link_mac(name: &str) -> [u8; 6] {
@@ -322,13 +356,32 @@ pub fn tcp4_frame(dst_mac: [u8; 6], src_mac: [u8; 6], seq: u32, payload: &[u8]) 
     ip.extend_from_slice(&PEER_IP);
     let hsum = !fold(ones_sum(&ip, 0));
     ip[10..12].copy_from_slice(&hsum.to_be_bytes());
-    let mut f = eth(dst_mac, src_mac, ETH_IPV4);
-    f.extend_from_slice(&ip);
+    tcp_frame(
+        dst_mac, src_mac, ETH_IPV4, &ip, &GUEST_IP, &PEER_IP, seq, payload,
+    )
+}
+
+/// Ethernet + the given IP header + TCP with `payload`, the TCP checksum left as the pseudo-header sum
+/// for `src_ip`/`dst_ip`.
+#[allow(clippy::too_many_arguments)]
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ethertype: u16,
+    ip: &[u8],
+    src_ip: &[u8],
+    dst_ip: &[u8],
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let l4_len = 20 + payload.len();
+    let mut f = eth(dst_mac, src_mac, ethertype);
+    f.extend_from_slice(ip);
     f.extend_from_slice(&tcp_header(
         40000,
         5001,
         seq,
-        pseudo_sum(&GUEST_IP, &PEER_IP, 6, l4_len),
+        pseudo_sum(src_ip, dst_ip, 6, l4_len),
     ));
     f.extend_from_slice(payload);
     f
@@ -345,16 +398,9 @@ pub fn tcp6_frame(dst_mac: [u8; 6], src_mac: [u8; 6], seq: u32, payload: &[u8]) 
     ip.extend_from_slice(&[6, 64]);
     ip.extend_from_slice(&GUEST_IP6);
     ip.extend_from_slice(&PEER_IP6);
-    let mut f = eth(dst_mac, src_mac, ETH_IPV6);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&tcp_header(
-        40000,
-        5001,
-        seq,
-        pseudo_sum(&GUEST_IP6, &PEER_IP6, 6, l4_len),
-    ));
-    f.extend_from_slice(payload);
-    f
+    tcp_frame(
+        dst_mac, src_mac, ETH_IPV6, &ip, &GUEST_IP6, &PEER_IP6, seq, payload,
+    )
 }
 
 /// A payload whose bytes differ from segment to segment, so reordering or loss shows.

@@ -1,0 +1,522 @@
+//! The embedding API's front door: a builder that checks what it is given, creates the KVM VM with
+//! its memory, devices and vCPUs, and loads the kernel, so that [`Vm::run`](crate::Vm::run) only runs.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use tapir_devices::legacy::{DebugPort, ResetPort, SerialPort};
+use tapir_devices::{Bus, BusError};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::{Console, GuestOutput};
+use crate::exit::{ExitLatch, ExitReason};
+use crate::loader::{self, LoadError};
+use crate::vcpu::Shared;
+use crate::vm::{BootClock, Vm};
+use crate::x86_64::{self, layout, mptable, ArchError, VcpuTemplate};
+
+/// The command line when none is given: console on the first UART, reboot through the i8042,
+/// reboot at once on a panic (Tapir reports it as a panic).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// The default and smallest guest memory, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Address of KVM's TSS pages (three pages just below the BIOS area at the top of 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Target for the boot-timer log line, so a logger can show it without the rest of `info`.
+pub const BOOT_TIMER_TARGET: &str = "tapir::boot_timer";
+
+/// What can fail while building a VM; each names the thing that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{requested} vCPUs asked for; Tapir supports 1 to {max} on this host ({why})")]
+    Vcpus {
+        requested: u32,
+        max: u32,
+        why: &'static str,
+    },
+    #[error("{mib} MiB of guest memory asked for; at least {MIN_MEMORY_MIB} MiB are needed")]
+    MemoryTooSmall { mib: u64 },
+    #[error("{mib} MiB of guest memory is more than this host can address")]
+    MemoryTooLarge { mib: u64 },
+    #[error("opening {path} (is KVM loaded, and may this user open it?)")]
+    OpenKvm {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the host's KVM lacks {0}, which Tapir needs")]
+    KvmLacks(&'static str),
+    #[error("{what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("allocating {mib} MiB of guest memory")]
+    AllocateMemory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("registering guest memory slot {slot} ({size} bytes at {addr:#x}) with KVM")]
+    RegisterMemory {
+        slot: u32,
+        addr: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("kernel command line {cmdline:?}")]
+    Cmdline {
+        cmdline: String,
+        #[source]
+        source: CmdlineError,
+    },
+    #[error("setting up guest boot state")]
+    Arch(#[from] ArchError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("placing a device on the bus")]
+    Bus(#[from] BusError),
+}
+
+/// Why a command line was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CmdlineError {
+    #[error("is {len} bytes; the kernel takes at most {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("is not valid: {0}")]
+    Invalid(String),
+}
+
+/// The kernel command line, checked against the longest the kernel takes (`capacity`, NUL included).
+pub fn kernel_cmdline(text: &str, capacity: usize) -> Result<Cmdline, CmdlineError> {
+    let text = text.trim();
+    if text.len() >= capacity {
+        return Err(CmdlineError::TooLong {
+            len: text.len(),
+            max: capacity - 1,
+        });
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(CmdlineError::Invalid(format!("control character {c:?}")));
+    }
+    Cmdline::try_from(text, capacity).map_err(|e| CmdlineError::Invalid(e.to_string()))
+}
+
+/// Builds a VM step by step; `build` creates it.
+///
+/// ```no_run
+/// use tapir::{Console, VmBuilder};
+///
+/// let report = VmBuilder::new("guest-images/out/bzImage")
+///     .initrd("guest-images/out/initramfs.cpio.gz")
+///     .vcpus(2)
+///     .memory_mib(256)
+///     .console(Console::Stdio)
+///     .build()?
+///     .run()?;
+/// println!("{}", report.reason);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct VmBuilder {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    vcpus: u32,
+    memory_mib: u64,
+    console: Console,
+    start: Instant,
+    kvm_path: PathBuf,
+}
+
+impl VmBuilder {
+    /// A VM booting `kernel` (ELF vmlinux or bzImage) with one vCPU, 256 MiB, the default command
+    /// line and no console.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            console: Console::None,
+            start: Instant::now(),
+            kvm_path: "/dev/kvm".into(),
+        }
+    }
+
+    /// The initramfs.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// The whole kernel command line (replaces the default).
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Where the serial console goes.
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// The instant the boot timer counts from (default: when the builder was made); the CLI
+    /// passes its own start.
+    pub fn start_instant(mut self, start: Instant) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The KVM device (default `/dev/kvm`).
+    pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kvm_path = path.into();
+        self
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+        let what = what.into();
+        move |source| BuildError::Io { what, source }
+    }
+
+    /// Creates the VM: checks the request, opens KVM, allocates memory, loads the kernel and
+    /// initramfs, sets up devices and vCPUs.
+    pub fn build(self) -> Result<Vm, BuildError> {
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(BuildError::MemoryTooSmall {
+                mib: self.memory_mib,
+            });
+        }
+        let mem_size = self
+            .memory_mib
+            .checked_mul(1 << 20)
+            .filter(|size| size.checked_add(layout::MMIO_GAP_END).is_some())
+            .ok_or(BuildError::MemoryTooLarge {
+                mib: self.memory_mib,
+            })?;
+        let max = u32::from(mptable::MAX_VCPUS);
+        if self.vcpus == 0 || self.vcpus > max {
+            return Err(BuildError::Vcpus {
+                requested: self.vcpus,
+                max,
+                why: "the MP table's limit",
+            });
+        }
+
+        let open_err = |source| BuildError::OpenKvm {
+            path: self.kvm_path.clone(),
+            source,
+        };
+        let kvm_path = CString::new(self.kvm_path.as_os_str().as_bytes())
+            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(kvm_path).map_err(open_err)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+            (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+            (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(BuildError::KvmLacks(name));
+            }
+        }
+        let kvm_max = kvm.get_max_vcpus() as u32;
+        if self.vcpus > kvm_max {
+            return Err(BuildError::Vcpus {
+                requested: self.vcpus,
+                max: kvm_max.min(max),
+                why: "KVM_CAP_MAX_VCPUS",
+            });
+        }
+        let vcpus = self.vcpus as u8;
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+
+        let vm = kvm.create_vm().map_err(kvm_err("creating the KVM VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("setting KVM's TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("creating the in-kernel PIT"))?;
+
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_size)
+            .into_iter()
+            .map(|(addr, len)| (GuestAddress(addr), len as usize))
+            .collect();
+        let memory =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BuildError::AllocateMemory {
+                mib: self.memory_mib,
+                source,
+            })?;
+        register_memory(&vm, &memory)?;
+
+        let kernel = loader::load_kernel(&memory, &self.kernel, mem_size)?;
+        let initrd = match &self.initrd {
+            Some(path) => Some(loader::load_initrd(&memory, path, &kernel, mem_size)?),
+            None => None,
+        };
+        let capacity = kernel
+            .cmdline_max
+            .unwrap_or(layout::CMDLINE_MAX_SIZE)
+            .min(layout::CMDLINE_MAX_SIZE);
+        let cmdline =
+            kernel_cmdline(&self.cmdline, capacity).map_err(|source| BuildError::Cmdline {
+                cmdline: self.cmdline.clone(),
+                source,
+            })?;
+        let cmdline_len = cmdline
+            .as_cstring()
+            .map(|c| c.as_bytes().len())
+            .map_err(|e| BuildError::Cmdline {
+                cmdline: self.cmdline.clone(),
+                source: CmdlineError::Invalid(e.to_string()),
+            })?;
+        linux_loader::loader::load_cmdline(&memory, GuestAddress(layout::CMDLINE_START), &cmdline)
+            .map_err(|e| BuildError::Cmdline {
+                cmdline: self.cmdline.clone(),
+                source: CmdlineError::Invalid(e.to_string()),
+            })?;
+        x86_64::write_boot_tables(&memory, vcpus)?;
+        x86_64::write_zero_page(
+            &memory,
+            &x86_64::boot::boot_params(kernel.header, cmdline_len, initrd, mem_size),
+        )?;
+        log::info!(
+            "kernel {} entry {:#x}, initramfs {:?}, {} MiB, {} vCPUs, cmdline {:?}",
+            self.kernel.display(),
+            kernel.entry,
+            initrd,
+            self.memory_mib,
+            vcpus,
+            self.cmdline
+        );
+
+        let latch = Arc::new(ExitLatch::new().map_err(Self::io("creating the exit eventfd"))?);
+        let clock = Arc::new(BootClock {
+            start: self.start,
+            marked: OnceLock::new(),
+        });
+        let console_input = matches!(self.console, Console::Stdio);
+        let console_desc = format!("{:?}", self.console);
+        let output = GuestOutput::new(self.console, latch.clone()).map_err(Self::io(format!(
+            "opening the console output {console_desc}"
+        )))?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating the serial irqfd"))?;
+        vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+            .map_err(kvm_err("registering the serial port's irqfd"))?;
+        let serial_room =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating an eventfd"))?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(
+            serial_irq,
+            serial_room
+                .try_clone()
+                .map_err(Self::io("cloning an eventfd"))?,
+            Box::new(output),
+        )));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), layout::COM1_PORT, 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(ResetPort::new(ResetRequest(latch.clone())))),
+            layout::I8042_PORT,
+            5,
+        )?;
+        let marker_clock = clock.clone();
+        pio.insert(
+            Arc::new(Mutex::new(DebugPort::new(Box::new(move |byte| {
+                if byte == layout::BOOT_MARKER {
+                    marker_clock.mark();
+                }
+            })))),
+            layout::DEBUG_PORT,
+            1,
+        )?;
+
+        let template = VcpuTemplate {
+            cpuid: kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("reading KVM's supported CPUID"))?,
+            msrs: supported_boot_msrs(&kvm)?,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            vcpus,
+            entry: kernel.entry,
+        };
+        let mut vcpu_fds = Vec::with_capacity(usize::from(vcpus));
+        for index in 0..vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("creating a vCPU"))?;
+            x86_64::configure_vcpu(&fd, index, &template)?;
+            vcpu_fds.push(fd);
+        }
+
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            latch,
+            halted: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        });
+        Vm::new(crate::vm::Parts {
+            vm,
+            memory,
+            vcpus: vcpu_fds,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            serial_room,
+            console_input,
+            shared,
+            clock,
+        })
+        .map_err(Self::io("creating the stop eventfd"))
+    }
+}
+
+fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), BuildError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let slot = slot as u32;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes that the Vm owns and keeps
+        // until after the VM file descriptor is closed.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| BuildError::RegisterMemory {
+            slot,
+            addr: r.guest_phys_addr,
+            size: r.memory_size,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn supported_boot_msrs(kvm: &Kvm) -> Result<Vec<kvm_bindings::kvm_msr_entry>, BuildError> {
+    let listed = kvm.get_msr_index_list().map_err(|source| BuildError::Kvm {
+        what: "reading KVM's MSR list",
+        source,
+    })?;
+    let listed = listed.as_slice();
+    Ok(x86_64::regs::boot_msrs()
+        .into_iter()
+        .filter(|m| listed.contains(&m.index))
+        .collect())
+}
+
+/// The i8042's reset line: ends the VM as a reboot.
+struct ResetRequest(Arc<ExitLatch>);
+
+impl vm_superio::Trigger for ResetRequest {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_is_checked_against_the_kernels_limit() {
+        let c = kernel_cmdline("  console=ttyS0 reboot=k  ", 2048).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 reboot=k"
+        );
+        assert_eq!(
+            kernel_cmdline(&"a".repeat(2048), 2048).unwrap_err(),
+            CmdlineError::TooLong {
+                len: 2048,
+                max: 2047
+            }
+        );
+        assert!(kernel_cmdline(&"a".repeat(2047), 2048).is_ok());
+        assert_eq!(
+            kernel_cmdline("a\nb", 2048).unwrap_err(),
+            CmdlineError::Invalid("control character '\\n'".into())
+        );
+        assert!(
+            kernel_cmdline("", 2048).is_ok(),
+            "an empty command line is the user's choice"
+        );
+    }
+
+    #[test]
+    fn requests_are_checked_before_kvm_is_opened() {
+        let nowhere = "/nonexistent/kvm";
+        let err = VmBuilder::new("k")
+            .vcpus(0)
+            .kvm_device(nowhere)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, BuildError::Vcpus { requested: 0, .. }),
+            "{err}"
+        );
+        let err = VmBuilder::new("k")
+            .vcpus(33)
+            .kvm_device(nowhere)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "33 vCPUs asked for; Tapir supports 1 to 32 on this host (the MP table's limit)"
+        );
+        let err = VmBuilder::new("k")
+            .memory_mib(8)
+            .kvm_device(nowhere)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, BuildError::MemoryTooSmall { mib: 8 }));
+        let err = VmBuilder::new("k")
+            .memory_mib(u64::MAX >> 10)
+            .kvm_device(nowhere)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, BuildError::MemoryTooLarge { .. }));
+        let err = VmBuilder::new("k").kvm_device(nowhere).build().unwrap_err();
+        assert!(matches!(err, BuildError::OpenKvm { .. }));
+        assert!(err.to_string().starts_with("opening /nonexistent/kvm"));
+    }
+}

@@ -1,0 +1,302 @@
+//! `tapir`: the command line over the embedding API. It parses arguments, sets up logging and the
+//! stop signals, builds the VM, runs it, and turns the outcome into one line and an exit status.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use tapir::{
+    Console, ExitReason, VmBuilder, BOOT_TIMER_TARGET, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
+};
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_GUEST_FAILED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tapir",
+    version,
+    about = "A small KVM virtual machine monitor with a macvtap-backed virtio-net device",
+    after_help = "Exit status: 0 when the guest reboots or powers off or Tapir is stopped \
+                  (SIGINT, SIGTERM, SIGHUP, or Ctrl-A x on the console); 1 when Tapir cannot set up \
+                  or run the VM; 2 for a bad command line; 3 when the guest fails (kernel panic, \
+                  triple fault, a vCPU exit Tapir cannot handle)."
+)]
+struct Cli {
+    /// More log output: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a Linux kernel and run it until it reboots or powers off.
+    ///
+    /// Example: tapir run --kernel guest-images/out/bzImage --initrd guest-images/out/initramfs.cpio.gz --cpus 2
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The guest kernel: an ELF vmlinux or a bzImage with a 64-bit entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// The initramfs, loaded as high in memory below 3.25 GiB as the kernel allows.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// The whole kernel command line.
+    #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs (1 to 32, and no more than KVM allows).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB (at least 32); above 3328 MiB the rest is placed above 4 GiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Serial console: `stdio` (output to stdout, stdin to the guest, raw mode on a terminal;
+    /// Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A), `none`, or `file=PATH` (output only).
+    #[arg(long, value_name = "stdio|none|file=PATH", default_value = "stdio", value_parser = parse_console)]
+    console: ConsoleArg,
+    /// Log the time from Tapir's start to the guest init's boot marker (a write of 0x54 to I/O
+    /// port 0x402, as the test guest's init does).
+    #[arg(long)]
+    boot_timer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConsoleArg {
+    Stdio,
+    None,
+    File(PathBuf),
+}
+
+fn parse_console(s: &str) -> Result<ConsoleArg, String> {
+    match s {
+        "stdio" => Ok(ConsoleArg::Stdio),
+        "none" => Ok(ConsoleArg::None),
+        _ => match s.strip_prefix("file=") {
+            Some("") => Err("file= needs a path".into()),
+            Some(path) => Ok(ConsoleArg::File(path.into())),
+            None => Err(format!("{s:?} is not stdio, none or file=PATH")),
+        },
+    }
+}
+
+/// Where the signal handler writes: the VM's stop handle, and which signal came.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(signal, Ordering::Relaxed);
+    let fd = STOP_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) is async-signal-safe; the buffer is valid for 8 bytes.
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+fn init_logging(verbose: u8, boot_timer: bool) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if boot_timer {
+        builder.filter_module(BOOT_TIMER_TARGET, level.max(log::LevelFilter::Info));
+    }
+    builder.format_timestamp_millis();
+    builder.parse_default_env();
+    builder.init();
+}
+
+/// "what failed: why: why".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::Error>> {
+    let console = match args.console {
+        ConsoleArg::Stdio => Console::Stdio,
+        ConsoleArg::None => Console::None,
+        ConsoleArg::File(path) => Console::File(path),
+    };
+    let mut builder = VmBuilder::new(&args.kernel)
+        .cmdline(args.cmdline)
+        .vcpus(args.cpus)
+        .memory_mib(args.memory)
+        .console(console)
+        .start_instant(start);
+    if let Some(initrd) = args.initrd {
+        builder = builder.initrd(initrd);
+    }
+    let vm = builder.build()?;
+    let stop = vm.stop_handle();
+    STOP_FD.store(stop.as_raw_fd(), Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+            .map_err(|e| format!("installing the {} handler: {e}", signal_name(signal)))?;
+    }
+    let report = vm.run()?;
+    STOP_FD.store(-1, Ordering::Relaxed);
+    Ok(report.reason)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    init_logging(cli.verbose, args.boot_timer);
+    match run(args, start) {
+        Ok(reason) => {
+            let signal = STOP_SIGNAL.load(Ordering::Relaxed);
+            if reason == ExitReason::Stopped && signal != 0 {
+                eprintln!("tapir: stopped by {}", signal_name(signal));
+            } else {
+                eprintln!("tapir: {reason}");
+            }
+            if reason.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_GUEST_FAILED)
+            }
+        }
+        Err(e) => {
+            eprintln!("tapir: error: {}", error_chain(e.as_ref()));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tapir").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_every_option_and_has_defaults() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--cmdline",
+            "console=ttyS0",
+            "--cpus",
+            "4",
+            "--memory",
+            "512",
+            "--console",
+            "file=/tmp/c",
+            "--boot-timer",
+            "-vv",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command;
+        assert_eq!(cli.verbose, 2);
+        assert_eq!(
+            (a.kernel, a.initrd),
+            (PathBuf::from("k"), Some(PathBuf::from("i")))
+        );
+        assert_eq!((a.cpus, a.memory, a.boot_timer), (4, 512, true));
+        assert_eq!(a.console, ConsoleArg::File("/tmp/c".into()));
+
+        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        assert_eq!(
+            (a.cpus, a.memory, a.console),
+            (1, DEFAULT_MEMORY_MIB, ConsoleArg::Stdio)
+        );
+        assert_eq!(a.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors_that_name_the_problem() {
+        use clap::error::ErrorKind;
+        let cases: [(&[&str], ErrorKind, &str); 6] = [
+            (&["run"], ErrorKind::MissingRequiredArgument, "--kernel"),
+            (
+                &["run", "--kernel", "k", "--cpus", "two"],
+                ErrorKind::ValueValidation,
+                "two",
+            ),
+            (
+                &["run", "--kernel", "k", "--memory", "-1"],
+                ErrorKind::UnknownArgument,
+                "-1",
+            ),
+            (
+                &["run", "--kernel", "k", "--console", "tty"],
+                ErrorKind::ValueValidation,
+                "stdio, none or file=PATH",
+            ),
+            (
+                &["run", "--kernel", "k", "--console", "file="],
+                ErrorKind::ValueValidation,
+                "needs a path",
+            ),
+            (&["boot"], ErrorKind::InvalidSubcommand, "boot"),
+        ];
+        for (args, kind, text) in cases {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.kind(), kind, "{args:?}");
+            assert!(err.to_string().contains(text), "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn console_specs() {
+        assert_eq!(parse_console("stdio"), Ok(ConsoleArg::Stdio));
+        assert_eq!(parse_console("none"), Ok(ConsoleArg::None));
+        assert_eq!(
+            parse_console("file=a b"),
+            Ok(ConsoleArg::File("a b".into()))
+        );
+        assert!(parse_console("").is_err());
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = tapir::LoadError::Open {
+            what: "kernel",
+            path: "/x".into(),
+            source: inner,
+        };
+        assert_eq!(error_chain(&err), "opening kernel /x: No such file");
+    }
+}

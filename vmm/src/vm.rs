@@ -1,0 +1,286 @@
+//! A built VM and its run loop: vCPU threads, the console input feeder, and the main thread's
+//! event loop that waits for a stop reason, watches for a powered-off guest, and then stops and
+//! joins every thread before returning.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{VcpuFd, VmFd};
+use tapir_devices::legacy::SerialPort;
+use tapir_devices::Bus;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::BOOT_TIMER_TARGET;
+use crate::console::{InputPump, RawTerminal};
+use crate::exit::{ExitLatch, ExitReason, RunReport};
+use crate::vcpu::{self, Shared, Vcpu};
+
+/// How often the main loop kicks the vCPUs to see whether the guest has powered off.
+const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Consecutive checks that must find every vCPU asleep for good.
+const HALT_CHECKS: u32 = 2;
+/// How long stopping may take before Tapir gives up on a vCPU thread.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What can fail while the VM runs (not the guest: its failures are [`ExitReason`]s).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM's event loop")]
+    Events(#[from] event_manager::Error),
+}
+
+/// When the guest signalled that its init runs.
+pub(crate) struct BootClock {
+    pub start: Instant,
+    pub marked: OnceLock<Duration>,
+}
+
+impl BootClock {
+    pub fn mark(&self) {
+        let elapsed = self.start.elapsed();
+        if self.marked.set(elapsed).is_ok() {
+            log::info!(
+                target: BOOT_TIMER_TARGET,
+                "guest init started {:.1} ms after tapir started",
+                elapsed.as_secs_f64() * 1000.0
+            );
+        }
+    }
+}
+
+/// Stops a running VM from another thread or a signal handler.
+#[derive(Clone)]
+pub struct StopHandle(Arc<EventFd>);
+
+impl StopHandle {
+    /// Asks the VM to stop; `run` then returns [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("requesting a stop: {e}");
+        }
+    }
+}
+
+/// Writing an 8-byte 1 to this descriptor is `stop()`; a signal handler may do that (write(2) is
+/// async-signal-safe, `stop()` itself may log).
+impl AsRawFd for StopHandle {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+pub(crate) struct Parts {
+    pub vm: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuFd>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub serial_room: EventFd,
+    pub console_input: bool,
+    pub shared: Arc<Shared>,
+    pub clock: Arc<BootClock>,
+}
+
+/// A VM ready to run. Made by [`crate::VmBuilder::build`].
+pub struct Vm {
+    // Field order is drop order: the VM file descriptor goes before the memory it maps.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialPort>>,
+    serial_room: EventFd,
+    console_input: bool,
+    shared: Arc<Shared>,
+    clock: Arc<BootClock>,
+    stop: StopHandle,
+}
+
+/// Wakes the main loop for the exit latch and turns a stop request into a stop reason.
+struct Control {
+    wake: EventFd,
+    stop: Arc<EventFd>,
+    latch: Arc<ExitLatch>,
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.wake, self.stop.as_ref()] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                log::error!("watching a control eventfd: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.stop.as_raw_fd() {
+            let _ = self.stop.read();
+            self.latch.request(ExitReason::Stopped);
+        } else {
+            let _ = self.wake.read();
+        }
+    }
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    pub(crate) fn new(p: Parts) -> std::io::Result<Self> {
+        Ok(Self {
+            vcpus: p.vcpus,
+            _vm: p.vm,
+            _memory: p.memory,
+            pio: p.pio,
+            mmio: p.mmio,
+            serial: p.serial,
+            serial_room: p.serial_room,
+            console_input: p.console_input,
+            shared: p.shared,
+            clock: p.clock,
+            stop: StopHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
+        })
+    }
+
+    /// A handle that stops the VM once it runs; get it before calling `run`.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Runs the guest until it stops, and returns why. Everything the run started (vCPU threads,
+    /// the console feeder, raw terminal mode) is over when it returns.
+    pub fn run(mut self) -> Result<RunReport, RunError> {
+        let io = |what| move |source| RunError::Io { what, source };
+        vcpu::install_kick_handler().map_err(io("installing the vCPU kick signal handler"))?;
+        let latch = self.shared.latch.clone();
+
+        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+        events.add_subscriber(Arc::new(Mutex::new(Control {
+            wake: latch
+                .wake_fd()
+                .try_clone()
+                .map_err(io("cloning the exit eventfd"))?,
+            stop: self.stop.0.clone(),
+            latch: latch.clone(),
+        })));
+
+        // Raw mode only once the VM runs, and restored by drop on every way out of this function.
+        let (_raw, _pump) = if self.console_input {
+            let raw = RawTerminal::enter(libc::STDIN_FILENO)
+                .map_err(io("putting the terminal in raw mode"))?;
+            let room = self
+                .serial_room
+                .try_clone()
+                .map_err(io("cloning an eventfd"))?;
+            let pump = InputPump::start(
+                libc::STDIN_FILENO,
+                self.serial.clone(),
+                room,
+                raw.is_some(),
+                latch.clone(),
+            )
+            .map_err(io("starting the console input thread"))?;
+            (raw, Some(pump))
+        } else {
+            (None, None)
+        };
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (index, fd) in self.vcpus.drain(..).enumerate() {
+            let vcpu = Vcpu {
+                index: index as u8,
+                fd,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                shared: self.shared.clone(),
+            };
+            match vcpu.spawn() {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_vcpus(&self.shared, threads);
+                    return Err(RunError::Io {
+                        what: "starting a vCPU thread",
+                        source: e,
+                    });
+                }
+            }
+        }
+
+        let result = self.wait_for_stop(&mut events, &threads);
+        stop_vcpus(&self.shared, threads);
+        result?;
+        let reason = latch.reason().unwrap_or(ExitReason::Stopped);
+        Ok(RunReport {
+            reason,
+            guest_init_after: self.clock.marked.get().copied(),
+        })
+    }
+
+    fn wait_for_stop(
+        &self,
+        events: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        threads: &[JoinHandle<()>],
+    ) -> Result<(), RunError> {
+        let latch = &self.shared.latch;
+        let mut next_check = Instant::now() + HALT_CHECK_INTERVAL;
+        let mut halted_checks = 0;
+        while latch.reason().is_none() {
+            let wait = next_check.saturating_duration_since(Instant::now());
+            events.run_with_timeout(wait.as_millis() as i32)?;
+            if Instant::now() < next_check {
+                continue;
+            }
+            next_check += HALT_CHECK_INTERVAL;
+            // The flags were set by the vCPUs when the previous check kicked them.
+            if self.shared.halted.iter().all(|h| h.load(Ordering::Acquire)) {
+                halted_checks += 1;
+                if halted_checks >= HALT_CHECKS {
+                    latch.request(ExitReason::Halted);
+                }
+            } else {
+                halted_checks = 0;
+            }
+            threads.iter().for_each(vcpu::kick);
+        }
+        Ok(())
+    }
+}
+
+/// Tells every vCPU thread to stop, kicks until they have, and joins them.
+fn stop_vcpus(shared: &Shared, threads: Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    // A kick that lands just before a thread enters KVM_RUN is lost, so kick until all are out.
+    while threads.iter().any(|t| !t.is_finished()) {
+        if Instant::now() > deadline {
+            log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}; leaving them");
+            return;
+        }
+        threads.iter().for_each(vcpu::kick);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! x86_64 direct boot: guest memory layout, the structures the Linux boot protocol and an MP-capable
+//! guest expect in memory, and each vCPU's entry state.
+
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod paging;
+pub mod regs;
+
+use kvm_bindings::{
+    kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
+};
+use kvm_ioctls::VcpuFd;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::boot_params;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use layout::{GDT_START, IDT_START, MPTABLE_START, ZERO_PAGE_START};
+
+/// What can fail while writing boot structures or setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    #[error("writing the {what} to guest memory")]
+    WriteMemory {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("building the MP table")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("writing the zero page (boot_params)")]
+    ZeroPage(#[source] linux_loader::configurator::Error),
+    #[error("vCPU {vcpu}: {what}")]
+    Vcpu {
+        vcpu: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {vcpu}: KVM accepted {set} of {wanted} boot MSRs; it refused MSR {refused:#x}")]
+    Msrs {
+        vcpu: u8,
+        set: usize,
+        wanted: usize,
+        refused: u32,
+    },
+}
+
+fn write(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    addr: u64,
+    bytes: &[u8],
+) -> Result<(), ArchError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|source| ArchError::WriteMemory { what, source })
+}
+
+/// Writes the GDT, an empty IDT, the identity page tables and the MP table for `vcpus` vCPUs.
+pub fn write_boot_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), ArchError> {
+    let gdt: Vec<u8> = gdt::BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+    write(mem, "GDT", GDT_START, &gdt)?;
+    write(mem, "IDT", IDT_START, &0u64.to_le_bytes())?;
+    for (addr, entries) in paging::identity_tables() {
+        let page: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        write(mem, "page tables", addr, &page)?;
+    }
+    write(mem, "MP table", MPTABLE_START, &mptable::build(vcpus)?)
+}
+
+/// Writes the zero page.
+pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), ArchError> {
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(ArchError::ZeroPage)
+}
+
+/// What every vCPU needs from the host's KVM to be configured.
+pub struct VcpuTemplate {
+    /// KVM_GET_SUPPORTED_CPUID.
+    pub cpuid: CpuId,
+    /// The boot MSRs KVM lists (KVM_GET_MSR_INDEX_LIST).
+    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    pub tsc_deadline: bool,
+    pub vcpus: u8,
+    /// The kernel's 64-bit entry point.
+    pub entry: u64,
+}
+
+/// Gives vCPU `index` its CPUID, registers, FPU, MSRs and LAPIC wiring for the 64-bit entry.
+pub fn configure_vcpu(vcpu: &VcpuFd, index: u8, t: &VcpuTemplate) -> Result<(), ArchError> {
+    let fail = |what| {
+        move |source| ArchError::Vcpu {
+            vcpu: index,
+            what,
+            source,
+        }
+    };
+    let mut cpuid = t.cpuid.clone();
+    cpuid::shape(
+        cpuid.as_mut_slice(),
+        cpuid::Shape {
+            apic_id: index,
+            vcpus: t.vcpus,
+            tsc_deadline: t.tsc_deadline,
+        },
+    );
+    vcpu.set_cpuid2(&cpuid).map_err(fail("setting CPUID"))?;
+
+    let msrs = Msrs::from_entries(&t.msrs).map_err(|_| ArchError::Msrs {
+        vcpu: index,
+        set: 0,
+        wanted: t.msrs.len(),
+        refused: 0,
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(fail("setting MSRs"))?;
+    if set != t.msrs.len() {
+        return Err(ArchError::Msrs {
+            vcpu: index,
+            set,
+            wanted: t.msrs.len(),
+            refused: t.msrs[set].index,
+        });
+    }
+
+    vcpu.set_regs(&regs::boot_regs(t.entry))
+        .map_err(fail("setting general registers"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(fail("reading special registers"))?;
+    vcpu.set_sregs(&regs::boot_sregs(sregs))
+        .map_err(fail("setting special registers"))?;
+    vcpu.set_fpu(&regs::boot_fpu())
+        .map_err(fail("setting the FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(fail("reading the local APIC"))?;
+    regs::wire_lints(&mut lapic);
+    vcpu.set_lapic(&lapic)
+        .map_err(fail("setting the local APIC"))
+}
+
+/// True when the vCPU sleeps in HLT with interrupts off (only an NMI or INIT wakes it: how Linux
+/// without ACPI leaves a CPU after poweroff or halt) or was never started by the guest.
+pub fn halted_for_good(vcpu: &VcpuFd) -> Result<bool, kvm_ioctls::Error> {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let kvm_mp_state { mp_state } = vcpu.get_mp_state()?;
+    match mp_state {
+        KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => Ok(true),
+        KVM_MP_STATE_HALTED => Ok(vcpu.get_regs()?.rflags & RFLAGS_IF == 0),
+        _ => Ok(false),
+    }
+}

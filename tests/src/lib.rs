@@ -92,6 +92,28 @@ pub fn lab(lab_args: &[&str], cmd: &[&str]) -> Run {
     Run::from_output(out)
 }
 
+/// True when this host's CPU has hardware virtualization (vmx/svm), so guests run on its own KVM.
+pub fn host_has_hardware_kvm() -> bool {
+    fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+        .unwrap_or(false)
+}
+
+/// Runs `cmd` where a guest can boot: directly on a host with hardware virtualization, otherwise
+/// inside the KVM lab (with `lab_args`), from the repository root either way.
+pub fn on_kvm_host(lab_args: &[&str], cmd: &[&str]) -> Run {
+    if !host_has_hardware_kvm() {
+        return lab(lab_args, cmd);
+    }
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", cmd[0]));
+    Run::from_output(out)
+}
+
 /// Writes `script` as the guest's `/tapir/run` into a new initramfs (guest-images/with-script) in `dir`.
 pub fn initramfs_with_script(dir: &Path, script: &str) -> PathBuf {
     let script_path = dir.join("run.sh");

@@ -79,7 +79,7 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("kernel command line {cmdline:?}")]
+    #[error("kernel command line {}", preview(cmdline))]
     Cmdline {
         cmdline: String,
         #[source]
@@ -95,6 +95,15 @@ pub enum BuildError {
     },
     #[error("placing a device on the bus")]
     Bus(#[from] BusError),
+}
+
+/// A long command line, shortened for a message.
+fn preview(text: &str) -> String {
+    const MAX: usize = 60;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
+    }
 }
 
 /// Why a command line was refused.
@@ -236,45 +245,7 @@ impl VmBuilder {
             });
         }
 
-        let open_err = |source| BuildError::OpenKvm {
-            path: self.kvm_path.clone(),
-            source,
-        };
-        let kvm_path = CString::new(self.kvm_path.as_os_str().as_bytes())
-            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
-        let kvm = Kvm::new_with_path(kvm_path).map_err(open_err)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
-            (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
-            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-            (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(BuildError::KvmLacks(name));
-            }
-        }
-        let kvm_max = kvm.get_max_vcpus() as u32;
-        if self.vcpus > kvm_max {
-            return Err(BuildError::Vcpus {
-                requested: self.vcpus,
-                max: kvm_max.min(max),
-                why: "KVM_CAP_MAX_VCPUS",
-            });
-        }
         let vcpus = self.vcpus as u8;
-        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
-
-        let vm = kvm.create_vm().map_err(kvm_err("creating the KVM VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("setting KVM's TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("creating the in-kernel irqchip"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("creating the in-kernel PIT"))?;
-
         let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_size)
             .into_iter()
             .map(|(addr, len)| (GuestAddress(addr), len as usize))
@@ -284,8 +255,6 @@ impl VmBuilder {
                 mib: self.memory_mib,
                 source,
             })?;
-        register_memory(&vm, &memory)?;
-
         let kernel = loader::load_kernel(&memory, &self.kernel, mem_size)?;
         let initrd = match &self.initrd {
             Some(path) => Some(loader::load_initrd(&memory, path, &kernel, mem_size)?),
@@ -326,6 +295,47 @@ impl VmBuilder {
             vcpus,
             self.cmdline
         );
+
+        // KVM only now: a bad kernel, initramfs or command line is reported without it.
+        let open_err = |source| BuildError::OpenKvm {
+            path: self.kvm_path.clone(),
+            source,
+        };
+        let kvm_path = CString::new(self.kvm_path.as_os_str().as_bytes())
+            .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(kvm_path).map_err(open_err)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+            (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+            (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(BuildError::KvmLacks(name));
+            }
+        }
+        let kvm_max = kvm.get_max_vcpus() as u32;
+        if self.vcpus > kvm_max {
+            return Err(BuildError::Vcpus {
+                requested: self.vcpus,
+                max: kvm_max.min(max),
+                why: "KVM_CAP_MAX_VCPUS",
+            });
+        }
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+
+        let vm = kvm.create_vm().map_err(kvm_err("creating the KVM VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("setting KVM's TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("creating the in-kernel irqchip"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("creating the in-kernel PIT"))?;
+
+        register_memory(&vm, &memory)?;
 
         let latch = Arc::new(ExitLatch::new().map_err(Self::io("creating the exit eventfd"))?);
         let clock = Arc::new(BootClock {
@@ -483,6 +493,16 @@ mod tests {
     }
 
     #[test]
+    fn long_command_lines_are_shortened_in_messages() {
+        assert_eq!(preview("console=ttyS0"), "\"console=ttyS0\"");
+        let long = "a".repeat(100);
+        assert_eq!(
+            preview(&long),
+            format!("{:?}... (100 bytes)", "a".repeat(60))
+        );
+    }
+
+    #[test]
     fn requests_are_checked_before_kvm_is_opened() {
         let nowhere = "/nonexistent/kvm";
         let err = VmBuilder::new("k")
@@ -515,8 +535,14 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(matches!(err, BuildError::MemoryTooLarge { .. }));
-        let err = VmBuilder::new("k").kvm_device(nowhere).build().unwrap_err();
-        assert!(matches!(err, BuildError::OpenKvm { .. }));
-        assert!(err.to_string().starts_with("opening /nonexistent/kvm"));
+        let err = VmBuilder::new("/nonexistent/kernel")
+            .kvm_device(nowhere)
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "opening kernel /nonexistent/kernel",
+            "files come before KVM"
+        );
     }
 }

@@ -13,6 +13,10 @@ use tapir::{
 };
 
 const EXIT_ERROR: u8 = 1;
+const EXIT_STATUS_HELP: &str = "Exit status: 0 when the guest reboots or powers off or Tapir is \
+    stopped (SIGINT, SIGTERM, SIGHUP, or Ctrl-A x on the console); 1 when Tapir cannot set up or \
+    run the VM; 2 for a bad command line; 3 when the guest fails (kernel panic, triple fault, a \
+    vCPU exit Tapir cannot handle).";
 const EXIT_GUEST_FAILED: u8 = 3;
 
 #[derive(Parser, Debug)]
@@ -20,10 +24,7 @@ const EXIT_GUEST_FAILED: u8 = 3;
     name = "tapir",
     version,
     about = "A small KVM virtual machine monitor with a macvtap-backed virtio-net device",
-    after_help = "Exit status: 0 when the guest reboots or powers off or Tapir is stopped \
-                  (SIGINT, SIGTERM, SIGHUP, or Ctrl-A x on the console); 1 when Tapir cannot set up \
-                  or run the VM; 2 for a bad command line; 3 when the guest fails (kernel panic, \
-                  triple fault, a vCPU exit Tapir cannot handle)."
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     /// More log output: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
@@ -38,6 +39,7 @@ enum Command {
     /// Boot a Linux kernel and run it until it reboots or powers off.
     ///
     /// Example: tapir run --kernel guest-images/out/bzImage --initrd guest-images/out/initramfs.cpio.gz --cpus 2
+    #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
 }
 
@@ -127,13 +129,17 @@ fn init_logging(verbose: u8, boot_timer: bool) {
     builder.init();
 }
 
-/// "what failed: why: why".
+/// "what failed: why: why", skipping a cause that its parent's message already spells out (some
+/// library errors print their source themselves).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let cause = s.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
         source = s.source();
     }
     text
@@ -298,5 +304,15 @@ mod tests {
             source: inner,
         };
         assert_eq!(error_chain(&err), "opening kernel /x: No such file");
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("loading: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let err = Repeats(std::io::Error::other("bad entry"));
+        assert_eq!(
+            error_chain(&err),
+            "loading: bad entry",
+            "a repeated cause is said once"
+        );
     }
 }

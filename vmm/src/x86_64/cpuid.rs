@@ -106,7 +106,7 @@ pub fn shape(entries: &mut [kvm_cpuid_entry2], shape: Shape) {
 }
 
 /// The XCR0 bits KVM supports, from leaf 0xD sub-leaf 0.
-fn supported_xcr0(entries: &[kvm_cpuid_entry2]) -> u64 {
+pub fn supported_xcr0(entries: &[kvm_cpuid_entry2]) -> u64 {
     entries
         .iter()
         .find(|e| e.function == LEAF_XSAVE && e.index == 0)

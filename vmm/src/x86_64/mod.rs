@@ -113,6 +113,19 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u8, t: &VcpuTemplate) -> Result<(), 
     );
     vcpu.set_cpuid2(&cpuid).map_err(fail("setting CPUID"))?;
 
+    // Start with every state component KVM supports enabled in XCR0 (Linux enables the same set at
+    // once). Where a nested hypervisor does not intercept XSETBV (QEMU's TCG SVM, the KVM lab), KVM
+    // never sees the guest's own XCR0 write; this way its CPUID.0xD sizes and the XCR0 it restores
+    // on every entry still match what the guest uses, and the guest's FPU set-up check passes.
+    let xcr0 = cpuid::supported_xcr0(cpuid.as_slice());
+    if xcr0 != 0 {
+        let mut xcrs = vcpu.get_xcrs().map_err(fail("reading XCRs"))?;
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        vcpu.set_xcrs(&xcrs).map_err(fail("setting XCR0"))?;
+    }
+
     let msrs = Msrs::from_entries(&t.msrs).map_err(|_| ArchError::Msrs {
         vcpu: index,
         set: 0,

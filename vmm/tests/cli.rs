@@ -1,0 +1,191 @@
+//! `tapir`'s command line and the errors it reports before a guest runs. These need no guest, and
+//! except where a test says so, no KVM and no root.
+
+use std::process::{Command, Output};
+
+use tapir_tests::{guest_file, scratch_dir};
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+fn tapir(args: &[&str]) -> Output {
+    Command::new(TAPIR)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("starting tapir")
+}
+
+/// Runs tapir through `sh -c` so a test can set limits or namespaces first.
+fn tapir_sh(script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env("TAPIR", TAPIR)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("starting sh")
+}
+
+fn assert_fails(out: &Output, status: i32, message: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(status), "stderr: {stderr}");
+    assert!(
+        stderr.contains(message),
+        "stderr lacks {message:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "tapir panicked: {stderr}");
+}
+
+#[test]
+fn help_explains_every_option() {
+    let out = tapir(&["run", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for option in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--console",
+        "--boot-timer",
+        "--verbose",
+        "Ctrl-A x",
+        "Exit status",
+    ] {
+        assert!(help.contains(option), "run --help lacks {option}:\n{help}");
+    }
+    let out = tapir(&["--version"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tapir "));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_fails(&tapir(&[]), 2, "Usage");
+    assert_fails(&tapir(&["run"]), 2, "--kernel");
+    assert_fails(&tapir(&["run", "--kernel", "k", "--cpus", "-3"]), 2, "-3");
+    assert_fails(
+        &tapir(&["run", "--kernel", "k", "--console", "serial"]),
+        2,
+        "stdio, none or file=PATH",
+    );
+}
+
+#[test]
+fn bad_files_and_sizes_are_named() {
+    let dir = scratch_dir("cli-errors");
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "not a kernel\n").unwrap();
+    let text = text.to_str().unwrap();
+    assert_fails(
+        &tapir(&["run", "--kernel", "/nonexistent/bzImage"]),
+        1,
+        "opening kernel /nonexistent/bzImage: No such file",
+    );
+    assert_fails(
+        &tapir(&["run", "--kernel", text]),
+        1,
+        &format!("{text} is not a kernel"),
+    );
+    assert_fails(
+        &tapir(&["run", "--kernel", "/bin/true"]),
+        1,
+        "loading the ELF kernel /bin/true",
+    );
+    assert_fails(
+        &tapir(&["run", "--kernel", "k", "--cpus", "0"]),
+        1,
+        "0 vCPUs asked for",
+    );
+    assert_fails(
+        &tapir(&["run", "--kernel", "k", "--cpus", "33"]),
+        1,
+        "33 vCPUs asked for; Tapir supports 1 to 32",
+    );
+    assert_fails(
+        &tapir(&["run", "--kernel", "k", "--memory", "16"]),
+        1,
+        "16 MiB of guest memory asked for; at least 32",
+    );
+    // Guest memory is allocated before anything else; an address-space limit makes that fail.
+    assert_fails(
+        &tapir_sh("ulimit -v 300000; exec \"$TAPIR\" run --kernel /nonexistent --memory 2048"),
+        1,
+        "allocating 2048 MiB of guest memory",
+    );
+}
+
+#[test]
+#[ignore = "needs the guest image: run by scripts/test"]
+fn kernel_dependent_errors_are_named() {
+    let kernel = guest_file("bzImage");
+    let kernel = kernel.to_str().unwrap();
+    let dir = scratch_dir("cli-initrd");
+    let big = dir.join("big.cpio");
+    std::fs::write(&big, vec![0u8; 40 << 20]).unwrap();
+    assert_fails(
+        &tapir(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--initrd",
+            big.to_str().unwrap(),
+            "--memory",
+            "32",
+        ]),
+        1,
+        "initramfs of 41943040 bytes does not fit",
+    );
+    assert_fails(
+        &tapir(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--initrd",
+            "/nonexistent.cpio.gz",
+        ]),
+        1,
+        "opening initramfs /nonexistent.cpio.gz",
+    );
+    let long = format!("console=ttyS0 {}", "x".repeat(3000));
+    assert_fails(
+        &tapir(&["run", "--kernel", kernel, "--cmdline", &long]),
+        1,
+        "the kernel takes at most 2047",
+    );
+    assert_fails(
+        &tapir(&[
+            "run",
+            "--kernel",
+            kernel,
+            "--console",
+            "file=/nonexistent/dir/console.txt",
+        ]),
+        1,
+        "opening the console output file=/nonexistent/dir/console.txt",
+    );
+}
+
+#[test]
+#[ignore = "needs root (a mount namespace, another user) and the guest image: run by scripts/test"]
+fn kvm_that_is_missing_or_forbidden_is_named() {
+    let kernel = guest_file("bzImage");
+    let script = format!(
+        "unshare -m sh -c 'mount -t tmpfs none /dev && exec \"$TAPIR\" run --kernel {}'",
+        kernel.display()
+    );
+    assert_fails(
+        &tapir_sh(&script),
+        1,
+        "opening /dev/kvm (is KVM loaded, and may this user open it?): No such file",
+    );
+    let script = format!(
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$TAPIR\" run --kernel {}",
+        kernel.display()
+    );
+    assert_fails(
+        &tapir_sh(&script),
+        1,
+        "opening /dev/kvm (is KVM loaded, and may this user open it?): Permission denied",
+    );
+}

@@ -29,6 +29,7 @@
 mod builder;
 mod console;
 mod exit;
+pub mod kvm_stats;
 mod loader;
 mod vcpu;
 mod vm;

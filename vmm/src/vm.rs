@@ -19,11 +19,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::BOOT_TIMER_TARGET;
 use crate::console::{InputPump, RawTerminal};
 use crate::exit::{ExitLatch, ExitReason, RunReport};
+use crate::kvm_stats::{Stat, VcpuStats};
 use crate::vcpu::{self, Shared, Vcpu};
 
 /// How often the main loop kicks the vCPUs to see whether the guest has powered off.
 const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-/// Consecutive checks that must find every vCPU asleep for good.
+/// Consecutive checks that must find every vCPU asleep for good (the first after they fall asleep
+/// sees the flags of no kick yet).
 const HALT_CHECKS: u32 = 2;
 /// How long stopping may take before Tapir gives up on a vCPU thread.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -204,6 +206,7 @@ impl Vm {
             (None, None)
         };
 
+        let sleep = SleepProbe::new(&self.vcpus);
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.drain(..).enumerate() {
             let vcpu = Vcpu {
@@ -225,7 +228,7 @@ impl Vm {
             }
         }
 
-        let result = self.wait_for_stop(&mut events, &threads);
+        let result = self.wait_for_stop(&mut events, &threads, &sleep);
         stop_vcpus(&self.shared, threads);
         result?;
         let reason = latch.reason().unwrap_or(ExitReason::Stopped);
@@ -239,8 +242,10 @@ impl Vm {
         &self,
         events: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
         threads: &[JoinHandle<()>],
+        sleep: &SleepProbe,
     ) -> Result<(), RunError> {
         let latch = &self.shared.latch;
+        let halted = &self.shared.halted;
         let mut next_check = Instant::now() + HALT_CHECK_INTERVAL;
         let mut halted_checks = 0;
         while latch.reason().is_none() {
@@ -250,8 +255,16 @@ impl Vm {
                 continue;
             }
             next_check += HALT_CHECK_INTERVAL;
-            // The flags were set by the vCPUs when the previous check kicked them.
-            if self.shared.halted.iter().all(|h| h.load(Ordering::Acquire)) {
+            // A running vCPU is never kicked: only when all of them sleep in KVM is it worth asking
+            // whether they sleep for good. The flags were set when the previous check kicked them.
+            if !sleep.all_asleep() {
+                halted_checks = 0;
+                halted
+                    .iter()
+                    .for_each(|h| h.store(false, Ordering::Release));
+                continue;
+            }
+            if halted.iter().all(|h| h.load(Ordering::Acquire)) {
                 halted_checks += 1;
                 if halted_checks >= HALT_CHECKS {
                     latch.request(ExitReason::Halted);
@@ -262,6 +275,41 @@ impl Vm {
             threads.iter().for_each(vcpu::kick);
         }
         Ok(())
+    }
+}
+
+/// Tells whether every vCPU sleeps in KVM (HLT or waiting for INIT/SIPI), from KVM's `blocking`
+/// statistic, without interrupting them. Interrupting a running vCPU is not free, and a nested
+/// hypervisor (QEMU's TCG SVM in the KVM lab) occasionally breaks the guest when KVM_RUN is
+/// interrupted mid-flight; kicking a vCPU that sleeps in KVM never enters the guest.
+struct SleepProbe {
+    /// None on kernels without binary stats: then every check counts as asleep and kicks.
+    stats: Option<Vec<(VcpuStats, Stat)>>,
+}
+
+impl SleepProbe {
+    fn new(vcpus: &[VcpuFd]) -> Self {
+        let stats = vcpus
+            .iter()
+            .map(|fd| {
+                let stats = VcpuStats::open(fd).ok()?;
+                let blocking = stats.find("blocking")?;
+                Some((stats, blocking))
+            })
+            .collect::<Option<Vec<_>>>();
+        if stats.is_none() {
+            log::debug!("no KVM 'blocking' statistic: the poweroff check kicks the vCPUs");
+        }
+        Self { stats }
+    }
+
+    fn all_asleep(&self) -> bool {
+        match &self.stats {
+            Some(stats) => stats
+                .iter()
+                .all(|(s, blocking)| s.read(*blocking).is_ok_and(|v| v != 0)),
+            None => true,
+        }
     }
 }
 

@@ -172,6 +172,13 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     Ok(report.reason)
 }
 
+/// One line on stderr. A closed stderr (a reader that went away) must not turn into a panic, as
+/// `eprintln!` would.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "tapir: {line}");
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -181,9 +188,9 @@ fn main() -> ExitCode {
         Ok(reason) => {
             let signal = STOP_SIGNAL.load(Ordering::Relaxed);
             if reason == ExitReason::Stopped && signal != 0 {
-                eprintln!("tapir: stopped by {}", signal_name(signal));
+                say(&format!("stopped by {}", signal_name(signal)));
             } else {
-                eprintln!("tapir: {reason}");
+                say(&reason.to_string());
             }
             if reason.is_clean() {
                 ExitCode::SUCCESS
@@ -192,7 +199,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("tapir: error: {}", error_chain(e.as_ref()));
+            say(&format!("error: {}", error_chain(e.as_ref())));
             ExitCode::from(EXIT_ERROR)
         }
     }

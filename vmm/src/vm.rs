@@ -255,6 +255,14 @@ impl Vm {
                 continue;
             }
             next_check += HALT_CHECK_INTERVAL;
+            // A vCPU thread reports why it stops before it ends; one that ended silently panicked.
+            if let Some(vcpu) = threads.iter().position(|t| t.is_finished()) {
+                latch.request(ExitReason::VcpuFailed {
+                    vcpu: vcpu as u8,
+                    exit: "its thread ended without a reason (it panicked)".into(),
+                });
+                continue;
+            }
             // A running vCPU is never kicked: only when all of them sleep in KVM is it worth asking
             // whether they sleep for good. The flags were set when the previous check kicked them.
             if !sleep.all_asleep() {

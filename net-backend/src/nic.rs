@@ -373,6 +373,12 @@ impl Nic {
     pub fn queues_mut(&mut self) -> &mut [TapQueue] {
         &mut self.queues
     }
+
+    /// Hands the queues to their user (a device); the Nic stays the owner of a macvtap it created,
+    /// which it deletes when dropped.
+    pub fn take_queues(&mut self) -> Vec<TapQueue> {
+        std::mem::take(&mut self.queues)
+    }
 }
 
 fn lookup(name: &str) -> Result<Link, NicError> {

@@ -1,0 +1,246 @@
+//! The virtio-mmio transport, version 2 ("modern"): the register block a guest finds at the address
+//! the kernel command line announces (`virtio_mmio.device=4K@ADDR:IRQ`). Queue notifications arrive
+//! on ioeventfds the VMM registers with KVM for the QueueNotify register; interrupts leave through
+//! an irqfd. Only the control path runs here, on the vCPU thread that touched a register.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{status, Interrupt, VirtioDevice};
+use crate::bus::{lock, BusDevice};
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// "virt" in little endian.
+const MAGIC: u32 = 0x7472_6976;
+const VERSION_MODERN: u32 = 2;
+/// "TAPR".
+const VENDOR_ID: u32 = 0x5250_4154;
+
+/// One virtio device behind an MMIO register window.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    /// The queues' notification eventfds (also registered as ioeventfds), for a QueueNotify write
+    /// that reaches the bus anyway.
+    notifiers: Vec<EventFd>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        notifiers: Vec<EventFd>,
+    ) -> Self {
+        let queues = Self::fresh_queues(&device);
+        Self {
+            device,
+            mem,
+            interrupt,
+            notifiers,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        }
+    }
+
+    fn fresh_queues(device: &Mutex<dyn VirtioDevice>) -> Vec<Queue> {
+        lock(device)
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|max| Queue::new(*max).ok())
+            .collect()
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        // Queue configuration is frozen once the device runs.
+        if self.status & status::DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            lock(&self.device).reset();
+        }
+        self.activated = false;
+        self.queues = Self::fresh_queues(&self.device);
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly = value & !self.status;
+        let mut value = value;
+        if newly & status::FEATURES_OK != 0 {
+            let offered = lock(&self.device).features();
+            let acceptable = self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if acceptable {
+                lock(&self.device).ack_features(self.driver_features);
+            } else {
+                log::warn!(
+                    "virtio-mmio: driver features {:#x} are not a subset of {offered:#x} with VERSION_1",
+                    self.driver_features
+                );
+                value &= !status::FEATURES_OK;
+            }
+        }
+        self.status = value;
+        if newly & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &mut self.queues {
+            q.set_event_idx(event_idx);
+        }
+        let queues = std::mem::take(&mut self.queues);
+        let result = lock(&self.device).activate(self.mem.clone(), self.interrupt.clone(), queues);
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::error!("virtio-mmio: starting the device: {e}");
+                self.status |= status::DEVICE_NEEDS_RESET;
+                if let Err(e) = self.interrupt.signal_config() {
+                    log::error!("virtio-mmio: raising the config interrupt: {e}");
+                }
+            }
+        }
+    }
+
+    fn read_register(&mut self, offset: u32) -> u32 {
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION_MODERN,
+            VIRTIO_MMIO_DEVICE_ID => lock(&self.device).device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                let features = lock(&self.device).features();
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u32, value: u32) {
+        let high = |v: u32| Some(v);
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    _ => {}
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
+                if let Some(q) = self.queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => match self.notifiers.get(value as usize) {
+                Some(evt) => {
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio-mmio: forwarding a queue notification: {e}");
+                    }
+                }
+                None => log::debug!("virtio-mmio: notification for unknown queue {value}"),
+            },
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self.queue().into_iter().for_each(|q| q.set_desc_table_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => self.queue().into_iter().for_each(|q| q.set_desc_table_address(None, high(value))),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(None, high(value))),
+            VIRTIO_MMIO_QUEUE_USED_LOW => self.queue().into_iter().for_each(|q| q.set_used_ring_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => self.queue().into_iter().for_each(|q| q.set_used_ring_address(None, high(value))),
+            _ => log::debug!("virtio-mmio: write {value:#x} to unknown or read-only register {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            lock(&self.device).read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        data.fill(0);
+        if data.len() != 4 {
+            log::debug!("virtio-mmio: {}-byte read of register {offset:#x}", data.len());
+            return;
+        }
+        let value = self.read_register(offset as u32);
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            lock(&self.device).write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::debug!("virtio-mmio: {}-byte write to register {offset:#x}", data.len());
+            return;
+        };
+        self.write_register(offset as u32, u32::from_le_bytes(bytes));
+    }
+}

@@ -1,0 +1,211 @@
+//! The device against mock queues and a socketpair backend: negotiation, offloads at activation,
+//! both data paths with single and merged buffers, every malformed chain, EAGAIN, reset.
+
+use std::sync::atomic::Ordering;
+
+use tapir_net_backend::offload::{TUN_F_ALL, TUN_F_CSUM, TUN_F_TSO4};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::*;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+
+use super::test_utils::{Harness, F_NEXT, F_WRITE, MEM_SIZE};
+use super::{RX_QUEUE, TX_QUEUE};
+use crate::virtio::VirtioDevice;
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+const V1: u64 = bit(VIRTIO_F_VERSION_1);
+const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
+
+#[test]
+fn activation_applies_the_acked_guest_offloads_to_the_backend() {
+    let acked = V1 | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_CTRL_VQ);
+    let h = Harness::started(TUN_F_ALL, acked);
+    assert!(h.net.is_active());
+    assert_eq!(h.net.acked_features() & bit(VIRTIO_NET_F_CTRL_VQ), 0, "not offered, so not acked");
+    assert_eq!(h.net.backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
+    let mut config = [0u8; 12];
+    h.net.read_config(0, &mut config);
+    assert_eq!(&config[..6], &super::test_utils::MAC);
+    let mut past = [0xffu8; 4];
+    h.net.read_config(10, &mut past);
+    assert_eq!(past, [0xdc, 0x05, 0, 0], "mtu 1500, then zeros past the end");
+}
+
+#[test]
+fn tx_frames_of_one_or_many_buffers_reach_the_backend_whole() {
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    let one = Harness::frame(1, 0, 100); // NEEDS_CSUM
+    let a = h.buffer(one.len() as u32, &one);
+    h.add_chain(TX_QUEUE, &[(a, one.len() as u32, 0)]);
+    let two = Harness::frame(0, 1, 3000); // TSO4
+    let (hdr, body) = two.split_at(12);
+    let b1 = h.buffer(12, hdr);
+    let b2 = h.buffer(1000, &body[..1000]);
+    let b3 = h.buffer(2000, &body[1000..]);
+    h.add_chain(TX_QUEUE, &[(b1, 12, 0), (b2, 1000, 0), (b3, 2000, 0)]);
+    h.net.process_tx();
+
+    let mut got = vec![0u8; 70000];
+    let n = h.peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &one[..]);
+    let n = h.peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &two[..]);
+    assert_eq!(h.used(TX_QUEUE), vec![(0, 0), (1, 0)]);
+    let s = h.net.counters().snapshot();
+    assert_eq!((s.tx_frames, s.tx_bytes, s.tx_csum_frames, s.tx_gso_frames), (2, 3100, 1, 1));
+    assert!(h.irq.read().is_ok(), "the guest is interrupted for used TX buffers");
+}
+
+#[test]
+fn rx_fills_one_buffer_and_sets_num_buffers_to_one() {
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    let buf = h.buffer(1526, &[0xee; 16]);
+    h.add_chain(RX_QUEUE, &[(buf, 1526, F_WRITE)]);
+    let frame = Harness::frame(0, 0, 60);
+    h.peer.send(&frame).unwrap();
+    h.net.rx_pending = true;
+    h.net.process_rx();
+    assert_eq!(h.used(RX_QUEUE), vec![(0, 72)]);
+    let got = h.read(buf, 72);
+    assert_eq!(&got[12..], &frame[12..]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+    assert_eq!(h.net.counters().snapshot().rx_frames, 1);
+}
+
+#[test]
+fn rx_merges_buffers_for_a_large_frame_and_gives_back_the_rest() {
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    let bufs: Vec<u64> = (0..4).map(|_| h.buffer(100, &[])).collect();
+    for b in &bufs {
+        h.add_chain(RX_QUEUE, &[(*b, 100, F_WRITE)]);
+    }
+    let frame = Harness::frame(0, 0, 150); // 162 bytes: two buffers
+    h.peer.send(&frame).unwrap();
+    let small = Harness::frame(0, 0, 10); // the next frame takes the third buffer
+    h.peer.send(&small).unwrap();
+    h.net.rx_pending = true;
+    h.net.process_rx();
+    assert_eq!(h.used(RX_QUEUE), vec![(0, 100), (1, 62), (2, 22)]);
+    let mut first = h.read(bufs[0], 100);
+    first.extend(h.read(bufs[1], 62));
+    assert_eq!(u16::from_le_bytes([first[10], first[11]]), 2, "num_buffers");
+    assert_eq!(&first[12..], &frame[12..]);
+    let third = h.read(bufs[2], 22);
+    assert_eq!(u16::from_le_bytes([third[10], third[11]]), 1);
+    assert_eq!(h.net.counters().snapshot().rx_frames, 2);
+}
+
+#[test]
+fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    h.peer.send(&Harness::frame(0, 0, 40)).unwrap();
+    h.net.rx_pending = true;
+    h.net.process_rx();
+    assert!(h.used(RX_QUEUE).is_empty());
+    assert_eq!(h.net.counters().snapshot().rx_no_buffers, 1);
+    assert!(h.net.rx_pending, "the frame is still waiting in the backend");
+    for _ in 0..2 {
+        let b = h.buffer(2048, &[]);
+        h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
+    }
+    h.net.process_rx(); // what a guest notification on the RX queue does
+    assert_eq!(h.used(RX_QUEUE), vec![(0, 52)]);
+    assert!(!h.net.rx_pending, "read to EAGAIN, the second buffer stays with the device");
+}
+
+#[test]
+fn malformed_tx_chains_are_returned_empty_and_nothing_is_sent() {
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    let ok = h.buffer(64, &Harness::frame(0, 0, 52));
+    h.add_chain(TX_QUEUE, &[(ok, 8, 0)]); // shorter than the header
+    h.add_chain(TX_QUEUE, &[(ok, 64, F_WRITE)]); // device-writable in TX
+    h.add_chain(TX_QUEUE, &[(MEM_SIZE as u64 - 16, 64, 0)]); // runs past guest memory
+    h.add_chain(TX_QUEUE, &[(ok, 12, 0), (ok, 70_000, 0)]); // longer than any frame (and memory)
+    let big = h.buffer(70_000, &[]);
+    h.add_chain(TX_QUEUE, &[(big, 70_000, 0)]); // longer than any frame
+    // A chain whose descriptor points at itself.
+    let looping = RawDescriptor::from(SplitDescriptor::new(ok, 64, F_NEXT, 5));
+    h.add_raw(TX_QUEUE, &[looping]);
+    // A chain whose next index is past the table.
+    h.add_raw(TX_QUEUE, &[RawDescriptor::from(SplitDescriptor::new(ok, 64, F_NEXT, 999))]);
+    h.net.process_tx();
+    let used = h.used(TX_QUEUE);
+    assert_eq!(used.len(), 7, "{used:?}");
+    assert!(used.iter().all(|(_, len)| *len == 0));
+    let s = h.net.counters().snapshot();
+    assert_eq!((s.malformed_chains, s.tx_frames), (7, 0));
+    let mut buf = [0u8; 100];
+    assert!(h.peer.recv(&mut buf).is_err(), "nothing reached the backend");
+    // The queue still works afterwards.
+    h.add_chain(TX_QUEUE, &[(ok, 64, 0)]);
+    h.net.process_tx();
+    assert_eq!(h.peer.recv(&mut buf).unwrap(), 64);
+}
+
+#[test]
+fn malformed_rx_chains_are_returned_empty_and_the_frame_waits_for_a_good_one() {
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    let b = h.buffer(2048, &[]);
+    h.add_chain(RX_QUEUE, &[(b, 2048, 0)]); // read-only in RX
+    h.add_chain(RX_QUEUE, &[(MEM_SIZE as u64 - 8, 2048, F_WRITE)]); // outside memory
+    h.add_chain(RX_QUEUE, &[(b, 4, F_WRITE)]); // no room for the header
+    h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
+    h.peer.send(&Harness::frame(0, 0, 100)).unwrap();
+    h.net.rx_pending = true;
+    h.net.process_rx();
+    assert_eq!(h.used(RX_QUEUE), vec![(0, 0), (1, 0), (2, 0), (3, 112)]);
+    assert_eq!(h.net.counters().snapshot().malformed_chains, 3);
+}
+
+#[test]
+fn a_full_backend_puts_the_chain_back_and_tx_resumes_when_writable() {
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    let frame = Harness::frame(0, 0, 1000);
+    let b = h.buffer(frame.len() as u32, &frame);
+    for _ in 0..200 {
+        h.add_chain(TX_QUEUE, &[(b, frame.len() as u32, 0)]);
+    }
+    h.net.process_tx();
+    assert!(h.net.tx_blocked, "the socketpair filled up");
+    let sent_first = h.used(TX_QUEUE).len();
+    assert!(sent_first < 200);
+    assert_eq!(h.net.counters().snapshot().tx_eagain, 1);
+    let mut got = 0;
+    let mut buf = [0u8; 2048];
+    while h.peer.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    assert_eq!(got, sent_first, "every used chain was sent, none dropped");
+    h.net.tx_blocked = false; // what EPOLLOUT does
+    h.net.process_tx();
+    while h.peer.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    if h.net.tx_blocked {
+        h.net.tx_blocked = false;
+        h.net.process_tx();
+        while h.peer.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+    }
+    assert_eq!(h.used(TX_QUEUE).len(), 200);
+    assert_eq!(got, 200);
+    assert_eq!(h.net.counters().tx_frames.load(Ordering::Relaxed), 200);
+}
+
+#[test]
+fn reset_stops_the_device_and_it_can_start_again() {
+    let mut h = Harness::started(TUN_F_ALL, V1 | bit(VIRTIO_NET_F_GUEST_CSUM));
+    assert_eq!(h.net.backend.offloads, TUN_F_CSUM);
+    h.net.reset();
+    assert!(!h.net.is_active());
+    assert_eq!(h.net.backend.offloads, 0);
+    assert_eq!(h.net.acked_features(), 0);
+    h.net.process_tx(); // nothing to do, nothing breaks
+    h.net.process_rx();
+    h.start(V1 | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4));
+    assert!(h.net.is_active());
+    assert_eq!(h.net.backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
+}

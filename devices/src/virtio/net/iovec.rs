@@ -1,0 +1,113 @@
+//! Guest buffers as iovecs for readv/writev, straight into guest memory, and the checks that keep a
+//! guest's bad descriptor chain from reaching the host: direction, bounds, loops.
+
+use std::io::{IoSlice, IoSliceMut};
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::Malformed;
+
+/// Empties a vector and reuses its allocation for another element type of the same layout (here:
+/// iovecs of another lifetime), so the data path allocates nothing per frame.
+pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
+}
+
+/// Walks a chain's descriptors (virtio-queue's iterator stops silently on loops and bad indexes; a
+/// last descriptor that still says "next" tells us it was cut).
+pub fn descriptors(
+    chain: impl Iterator<Item = Descriptor>,
+    mut each: impl FnMut(&Descriptor) -> Result<(), Malformed>,
+) -> Result<(), Malformed> {
+    let mut last_has_next = false;
+    let mut any = false;
+    for desc in chain {
+        any = true;
+        last_has_next = desc.has_next();
+        each(&desc)?;
+    }
+    if last_has_next || !any {
+        return Err(Malformed::Broken);
+    }
+    Ok(())
+}
+
+fn host_ptr(mem: &GuestMemoryMmap, desc: &Descriptor) -> Result<(*mut u8, usize), Malformed> {
+    let len = desc.len() as usize;
+    let slice = GuestMemoryBackend::get_slice(mem, desc.addr(), len).map_err(|_| Malformed::OutsideMemory)?;
+    Ok((slice.ptr_guard_mut().as_ptr(), len))
+}
+
+/// Appends a device-writable buffer to `out`.
+pub fn push_writable<'m>(
+    mem: &'m GuestMemoryMmap,
+    desc: &Descriptor,
+    out: &mut Vec<IoSliceMut<'m>>,
+) -> Result<u32, Malformed> {
+    if !desc.is_write_only() {
+        return Err(Malformed::WrongDirection);
+    }
+    let (ptr, len) = host_ptr(mem, desc)?;
+    // SAFETY: `get_slice` checked that [ptr, ptr + len) lies inside one mapped region of `mem`,
+    // which outlives 'm. The slice is only handed to readv; Rust code never reads it, so the guest
+    // changing it concurrently (or aliasing buffers) cannot break any invariant of ours.
+    out.push(IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, len) }));
+    Ok(desc.len())
+}
+
+/// Appends a device-readable buffer to `out`, and copies what falls in the first `hdr.len()` bytes
+/// of the chain (at `offset` into it) to `hdr`.
+pub fn push_readable<'m>(
+    mem: &'m GuestMemoryMmap,
+    desc: &Descriptor,
+    out: &mut Vec<IoSlice<'m>>,
+    offset: usize,
+    hdr: &mut [u8],
+) -> Result<u32, Malformed> {
+    if desc.is_write_only() {
+        return Err(Malformed::WrongDirection);
+    }
+    let (ptr, len) = host_ptr(mem, desc)?;
+    if offset < hdr.len() {
+        let n = (hdr.len() - offset).min(len);
+        mem.read_slice(&mut hdr[offset..offset + n], desc.addr())
+            .map_err(|_| Malformed::OutsideMemory)?;
+    }
+    // SAFETY: as in push_writable; this slice is only handed to writev.
+    out.push(IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) }));
+    Ok(desc.len())
+}
+
+/// Writes `bytes` at byte `offset` of the buffers `bufs` (guest addresses and lengths).
+pub fn write_at(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, u32)], mut offset: usize, bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    for (addr, len) in bufs {
+        let len = *len as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = rest.len().min(len - offset);
+        if mem.write_slice(&rest[..n], addr.unchecked_add_usize(offset)).is_err() {
+            return false;
+        }
+        rest = &rest[n..];
+        offset = 0;
+        if rest.is_empty() {
+            return true;
+        }
+    }
+    rest.is_empty()
+}
+
+trait AddUsize {
+    fn unchecked_add_usize(&self, n: usize) -> GuestAddress;
+}
+
+impl AddUsize for GuestAddress {
+    fn unchecked_add_usize(&self, n: usize) -> GuestAddress {
+        GuestAddress(self.0 + n as u64)
+    }
+}

@@ -51,6 +51,17 @@ impl MacvtapMode {
     }
 }
 
+impl std::fmt::Display for MacvtapMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MacvtapMode::Bridge => "bridge",
+            MacvtapMode::Vepa => "vepa",
+            MacvtapMode::Private => "private",
+            MacvtapMode::Passthru => "passthru",
+        })
+    }
+}
+
 impl std::str::FromStr for MacvtapMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

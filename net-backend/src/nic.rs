@@ -36,6 +36,25 @@ pub struct NicSpec {
     pub queues: usize,
 }
 
+/// The spec as it would be written on the command line.
+impl std::fmt::Display for NicSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            NicKind::Macvtap(name) => write!(f, "macvtap={name}")?,
+            NicKind::Link { lower, mode } => write!(f, "link={lower},mode={mode}")?,
+            NicKind::Tap(name) => write!(f, "tap={name}")?,
+            NicKind::Fd(fd) => write!(f, "fd={fd}")?,
+        }
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={mac}")?;
+        }
+        if self.queues != 1 {
+            write!(f, ",queues={}", self.queues)?;
+        }
+        Ok(())
+    }
+}
+
 /// Most queue pairs a NIC may ask for (the kernel's MAX_TAP_QUEUES is 256).
 pub const MAX_QUEUES: usize = 16;
 
@@ -586,6 +605,21 @@ fn make_private_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn specs_print_as_they_parse() {
+        for text in [
+            "macvtap=mvt0",
+            "link=eth1,mode=vepa,mac=52:54:00:00:00:01",
+            "tap=tap0,queues=2",
+            "fd=3",
+        ] {
+            let spec: NicSpec = text.parse().unwrap();
+            assert_eq!(spec.to_string().parse::<NicSpec>().unwrap(), spec, "{text}");
+        }
+        let spec: NicSpec = "link=lower0".parse().unwrap();
+        assert_eq!(spec.to_string(), "link=lower0,mode=bridge");
+    }
 
     fn ok(spec: &str) -> NicSpec {
         spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"))

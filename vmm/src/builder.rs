@@ -18,11 +18,21 @@ use tapir_devices::{Bus, BusError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::IoEventAddress;
+use tapir_devices::virtio::mmio::MMIO_WINDOW;
+use tapir_devices::virtio::net::Net;
+use tapir_devices::virtio::{Interrupt, MmioTransport};
+use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
+
 use crate::console::{Console, GuestOutput};
 use crate::exit::{ExitLatch, ExitReason};
 use crate::loader::{self, LoadError};
 use crate::vcpu::Shared;
-use crate::vm::{BootClock, Vm};
+use crate::vm::{BootClock, NetInfo, Vm};
+
+/// Offset of QueueNotify in a virtio-mmio window.
+const NOTIFY_OFFSET: u64 = 0x50;
 use crate::x86_64::{self, layout, mptable, ArchError, VcpuTemplate};
 
 /// The command line when none is given: console on the first UART, reboot through the i8042,
@@ -31,6 +41,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// The default and smallest guest memory, in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const MIN_MEMORY_MIB: u64 = 32;
+/// virtio-mmio devices get IRQs 5 and up (below 16, the ISA interrupts the MP table routes).
+const FIRST_VIRTIO_IRQ: u32 = 5;
+pub const MAX_NICS: usize = 10;
 /// Address of KVM's TSS pages (three pages just below the BIOS area at the top of 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Target for the boot-timer log line, so a logger can show it without the rest of `info`.
@@ -95,6 +108,18 @@ pub enum BuildError {
     },
     #[error("placing a device on the bus")]
     Bus(#[from] BusError),
+    #[error("{count} NICs asked for; Tapir supports at most {MAX_NICS}")]
+    TooManyNics { count: usize },
+    #[error("opening NIC {spec}")]
+    Nic {
+        spec: String,
+        #[source]
+        source: NicError,
+    },
+    #[error(
+        "NIC {spec}: {queues} queues asked for; the virtio-net device has one queue pair so far"
+    )]
+    NicQueues { spec: String, queues: usize },
 }
 
 /// A long command line, shortened for a message.
@@ -155,6 +180,7 @@ pub struct VmBuilder {
     console: Console,
     start: Instant,
     kvm_path: PathBuf,
+    nets: Vec<NicSpec>,
 }
 
 impl VmBuilder {
@@ -170,7 +196,16 @@ impl VmBuilder {
             console: Console::None,
             start: Instant::now(),
             kvm_path: "/dev/kvm".into(),
+            nets: Vec::new(),
         }
+    }
+
+    /// Adds a virtio-net device on the host NIC `spec` names (`macvtap=`, `link=`, `tap=`, `fd=`);
+    /// the guest sees them as eth0, eth1... in this order. A macvtap created for `link=` is deleted
+    /// when the `Vm` is dropped.
+    pub fn net(mut self, spec: NicSpec) -> Self {
+        self.nets.push(spec);
+        self
     }
 
     /// The initramfs.
@@ -264,8 +299,30 @@ impl VmBuilder {
             .cmdline_max
             .unwrap_or(layout::CMDLINE_MAX_SIZE)
             .min(layout::CMDLINE_MAX_SIZE);
-        let cmdline =
-            kernel_cmdline(&self.cmdline, capacity).map_err(|source| BuildError::Cmdline {
+        if self.nets.len() > MAX_NICS {
+            return Err(BuildError::TooManyNics {
+                count: self.nets.len(),
+            });
+        }
+        let slots: Vec<(u64, u32)> = (0..self.nets.len())
+            .map(|i| {
+                (
+                    layout::MMIO_DEVICES_START + i as u64 * MMIO_WINDOW,
+                    FIRST_VIRTIO_IRQ + i as u32,
+                )
+            })
+            .collect();
+        let cmdline = kernel_cmdline(&self.cmdline, capacity)
+            .and_then(|mut c| {
+                for (base, irq) in &slots {
+                    c.add_virtio_mmio_device(MMIO_WINDOW, GuestAddress(*base), *irq, None)
+                        .map_err(|e| {
+                            CmdlineError::Invalid(format!("announcing a virtio-mmio device: {e}"))
+                        })?;
+                }
+                Ok(c)
+            })
+            .map_err(|source| BuildError::Cmdline {
                 cmdline: self.cmdline.clone(),
                 source,
             })?;
@@ -295,6 +352,30 @@ impl VmBuilder {
             vcpus,
             self.cmdline
         );
+
+        // The host NICs before KVM: a macvtap created for link= is deleted (Nic's Drop) on every
+        // error path from here on.
+        let mut nics = Vec::with_capacity(self.nets.len());
+        for spec in &self.nets {
+            let nic =
+                Nic::open(spec, &OpenOptions::default()).map_err(|source| BuildError::Nic {
+                    spec: spec.to_string(),
+                    source,
+                })?;
+            if nic.queues().len() != 1 {
+                return Err(BuildError::NicQueues {
+                    spec: spec.to_string(),
+                    queues: nic.queues().len(),
+                });
+            }
+            log::info!(
+                "NIC {spec}: {} mac {} mtu {:?}",
+                nic.iface(),
+                nic.mac(),
+                nic.mtu()
+            );
+            nics.push(nic);
+        }
 
         // KVM only now: a bad kernel, initramfs or command line is reported without it.
         let open_err = |source| BuildError::OpenKvm {
@@ -378,6 +459,57 @@ impl VmBuilder {
             1,
         )?;
 
+        let mut mmio = Bus::new();
+        let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+        let mut net_infos = Vec::new();
+        for (i, (nic, (base, irq))) in nics.iter_mut().zip(&slots).enumerate() {
+            let name = format!("eth{i} ({})", nic.iface());
+            let backend = nic
+                .take_queues()
+                .pop()
+                .ok_or_else(|| BuildError::NicQueues {
+                    spec: self.nets[i].to_string(),
+                    queues: 0,
+                })?;
+            let mtu = nic.mtu().and_then(|m| u16::try_from(m).ok());
+            let net = Net::new(
+                name.clone(),
+                backend,
+                nic.mac().0,
+                mtu,
+                nic.supported_offloads(),
+            )
+            .map_err(Self::io(format!("creating the virtio-net device {name}")))?;
+            let notifiers = net
+                .queue_evts()
+                .map_err(Self::io("cloning queue eventfds"))?;
+            for (queue, evt) in notifiers.iter().enumerate() {
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(kvm_err("registering a queue notification ioeventfd"))?;
+            }
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating an irqfd"))?;
+            vm.register_irqfd(&irqfd, *irq)
+                .map_err(kvm_err("registering a virtio-mmio irqfd"))?;
+            net_infos.push(NetInfo {
+                name,
+                mac: nic.mac().to_string(),
+                counters: net.counters(),
+            });
+            let net = Arc::new(Mutex::new(net));
+            let transport = MmioTransport::new(
+                net.clone(),
+                memory.clone(),
+                Arc::new(Interrupt::new(irqfd)),
+                notifiers,
+            );
+            mmio.insert(Arc::new(Mutex::new(transport)), *base, MMIO_WINDOW)?;
+            subscribers.push(net);
+        }
+
         let template = VcpuTemplate {
             cpuid: kvm
                 .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -406,7 +538,10 @@ impl VmBuilder {
             memory,
             vcpus: vcpu_fds,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
+            subscribers,
+            nics,
+            net_infos,
             serial,
             serial_room,
             console_input,

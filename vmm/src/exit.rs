@@ -64,6 +64,8 @@ pub struct RunReport {
     pub reason: ExitReason,
     /// When the guest's init wrote the boot marker, counted from the builder's start instant.
     pub guest_init_after: Option<Duration>,
+    /// Each virtio-net device's name and counters when the VM stopped.
+    pub nets: Vec<(String, tapir_devices::virtio::net::NetStats)>,
 }
 
 /// Collects the first stop reason and wakes whoever waits on [`ExitLatch::wake_fd`].

@@ -37,12 +37,13 @@ pub mod x86_64;
 
 pub use builder::{
     kernel_cmdline, BuildError, CmdlineError, VmBuilder, BOOT_TIMER_TARGET, DEFAULT_CMDLINE,
-    DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
+    DEFAULT_MEMORY_MIB, MAX_NICS, MIN_MEMORY_MIB,
 };
 pub use console::Console;
 pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
-pub use vm::{RunError, StopHandle, Vm};
+pub use tapir_net_backend::NicSpec;
+pub use vm::{NetInfo, RunError, StopHandle, Vm};
 
 pub use tapir_devices;
 pub use tapir_net_backend;

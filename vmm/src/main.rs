@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use tapir::{
-    Console, ExitReason, VmBuilder, BOOT_TIMER_TARGET, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
+    Console, ExitReason, NicSpec, RunReport, VmBuilder, BOOT_TIMER_TARGET, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB,
 };
 
 const EXIT_ERROR: u8 = 1;
@@ -64,6 +65,16 @@ struct RunArgs {
     /// Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A), `none`, or `file=PATH` (output only).
     #[arg(long, value_name = "stdio|none|file=PATH", default_value = "stdio", value_parser = parse_console)]
     console: ConsoleArg,
+    /// A virtio-net device on a host NIC, repeatable (eth0, eth1... in order): `macvtap=NAME`,
+    /// `link=LOWER[,mode=bridge|vepa|private|passthru]` (a macvtap created with the guest's MAC and
+    /// deleted on exit), `tap=NAME` or `fd=N`; each with optional `,mac=MAC` (the guest's MAC always
+    /// equals the macvtap's). One queue pair per NIC.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<NicSpec>,
+    /// Print each NIC's counters (frames, bytes, offloaded frames, notifications, interrupts...)
+    /// when the VM stops.
+    #[arg(long)]
+    stats: bool,
     /// Log the time from Tapir's start to the guest init's boot marker (a write of 0x54 to I/O
     /// port 0x402, as the test guest's init does).
     #[arg(long)]
@@ -145,7 +156,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The NICs' counters side by side, one row per counter.
+fn stats_table(report: &RunReport) -> String {
+    let mut out = String::new();
+    let Some((_, first)) = report.nets.first() else {
+        return "no NICs\n".into();
+    };
+    out.push_str(&format!("{:>18}", "counter"));
+    for (name, _) in &report.nets {
+        out.push_str(&format!(" {name:>20}"));
+    }
+    out.push('\n');
+    for (row, (counter, _)) in first.fields().iter().enumerate() {
+        out.push_str(&format!("{counter:>18}"));
+        for (_, stats) in &report.nets {
+            out.push_str(&format!(" {:>20}", stats.fields()[row].1));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::Error>> {
+    let stats = args.stats;
     let console = match args.console {
         ConsoleArg::Stdio => Console::Stdio,
         ConsoleArg::None => Console::None,
@@ -160,6 +193,9 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
     }
+    for spec in args.nets {
+        builder = builder.net(spec);
+    }
     let vm = builder.build()?;
     let stop = vm.stop_handle();
     STOP_FD.store(stop.as_raw_fd(), Ordering::Relaxed);
@@ -169,6 +205,14 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     }
     let report = vm.run()?;
     STOP_FD.store(-1, Ordering::Relaxed);
+    if stats {
+        use std::io::Write;
+        let _ = write!(
+            std::io::stderr(),
+            "tapir: NIC counters\n{}",
+            stats_table(&report)
+        );
+    }
     Ok(report.reason)
 }
 
@@ -237,6 +281,11 @@ mod tests {
             "file=/tmp/c",
             "--boot-timer",
             "-vv",
+            "--net",
+            "macvtap=mvt0",
+            "--net",
+            "link=lower0,mode=vepa,mac=52:54:00:00:00:09",
+            "--stats",
         ])
         .unwrap();
         let Command::Run(a) = cli.command;
@@ -247,6 +296,12 @@ mod tests {
         );
         assert_eq!((a.cpus, a.memory, a.boot_timer), (4, 512, true));
         assert_eq!(a.console, ConsoleArg::File("/tmp/c".into()));
+        assert_eq!(a.nets.len(), 2);
+        assert_eq!(
+            a.nets[1].to_string(),
+            "link=lower0,mode=vepa,mac=52:54:00:00:00:09"
+        );
+        assert!(a.stats);
 
         let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
         assert_eq!(
@@ -259,7 +314,17 @@ mod tests {
     #[test]
     fn bad_arguments_are_usage_errors_that_name_the_problem() {
         use clap::error::ErrorKind;
-        let cases: [(&[&str], ErrorKind, &str); 6] = [
+        let cases: [(&[&str], ErrorKind, &str); 8] = [
+            (
+                &["run", "--kernel", "k", "--net", "eth0"],
+                ErrorKind::ValueValidation,
+                "eth0",
+            ),
+            (
+                &["run", "--kernel", "k", "--net", "macvtap=m,mac=zz"],
+                ErrorKind::ValueValidation,
+                "zz",
+            ),
             (&["run"], ErrorKind::MissingRequiredArgument, "--kernel"),
             (
                 &["run", "--kernel", "k", "--cpus", "two"],

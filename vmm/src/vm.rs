@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{VcpuFd, VmFd};
 use tapir_devices::legacy::SerialPort;
+use tapir_devices::virtio::net::NetCounters;
 use tapir_devices::Bus;
+use tapir_net_backend::Nic;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -83,12 +85,34 @@ impl AsRawFd for StopHandle {
     }
 }
 
+/// One virtio-net device, as the embedding program sees it.
+#[derive(Clone)]
+pub struct NetInfo {
+    /// `ethN (host interface)`.
+    pub name: String,
+    /// The MAC the guest sees (the macvtap's).
+    pub mac: String,
+    pub counters: Arc<NetCounters>,
+}
+
+impl std::fmt::Debug for NetInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetInfo")
+            .field("name", &self.name)
+            .field("mac", &self.mac)
+            .finish()
+    }
+}
+
 pub(crate) struct Parts {
     pub vm: VmFd,
     pub memory: GuestMemoryMmap,
     pub vcpus: Vec<VcpuFd>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    pub nics: Vec<Nic>,
+    pub net_infos: Vec<NetInfo>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub serial_room: EventFd,
     pub console_input: bool,
@@ -104,12 +128,16 @@ pub struct Vm {
     _memory: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    net_infos: Vec<NetInfo>,
     serial: Arc<Mutex<SerialPort>>,
     serial_room: EventFd,
     console_input: bool,
     shared: Arc<Shared>,
     clock: Arc<BootClock>,
     stop: StopHandle,
+    // Last: a macvtap created for the VM goes when everything using it has gone.
+    _nics: Vec<Nic>,
 }
 
 /// Wakes the main loop for the exit latch and turns a stop request into a stop reason.
@@ -154,6 +182,9 @@ impl Vm {
             _memory: p.memory,
             pio: p.pio,
             mmio: p.mmio,
+            subscribers: p.subscribers,
+            net_infos: p.net_infos,
+            _nics: p.nics,
             serial: p.serial,
             serial_room: p.serial_room,
             console_input: p.console_input,
@@ -161,6 +192,11 @@ impl Vm {
             clock: p.clock,
             stop: StopHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
         })
+    }
+
+    /// The virtio-net devices, with live counters.
+    pub fn nets(&self) -> &[NetInfo] {
+        &self.net_infos
     }
 
     /// A handle that stops the VM once it runs; get it before calling `run`.
@@ -184,6 +220,9 @@ impl Vm {
             stop: self.stop.0.clone(),
             latch: latch.clone(),
         })));
+        for subscriber in self.subscribers.drain(..) {
+            events.add_subscriber(subscriber);
+        }
 
         // Raw mode only once the VM runs, and restored by drop on every way out of this function.
         let (_raw, _pump) = if self.console_input {
@@ -235,6 +274,11 @@ impl Vm {
         Ok(RunReport {
             reason,
             guest_init_after: self.clock.marked.get().copied(),
+            nets: self
+                .net_infos
+                .iter()
+                .map(|n| (n.name.clone(), n.counters.snapshot()))
+                .collect(),
         })
     }
 

@@ -122,7 +122,9 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let event_idx = self.driver_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.driver_features
+            & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+            != 0;
         for q in &mut self.queues {
             q.set_event_idx(event_idx);
         }
@@ -179,8 +181,14 @@ impl MmioTransport {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES if self.status & status::FEATURES_OK == 0 => {
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
                     _ => {}
                 }
             }
@@ -205,13 +213,33 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
             VIRTIO_MMIO_STATUS => self.set_status(value),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => self.queue().into_iter().for_each(|q| q.set_desc_table_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => self.queue().into_iter().for_each(|q| q.set_desc_table_address(None, high(value))),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.queue().into_iter().for_each(|q| q.set_avail_ring_address(None, high(value))),
-            VIRTIO_MMIO_QUEUE_USED_LOW => self.queue().into_iter().for_each(|q| q.set_used_ring_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_USED_HIGH => self.queue().into_iter().for_each(|q| q.set_used_ring_address(None, high(value))),
-            _ => log::debug!("virtio-mmio: write {value:#x} to unknown or read-only register {offset:#x}"),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, high(value))),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, high(value))),
+            VIRTIO_MMIO_QUEUE_USED_LOW => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(value), None)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, high(value))),
+            _ => log::debug!(
+                "virtio-mmio: write {value:#x} to unknown or read-only register {offset:#x}"
+            ),
         }
     }
 }
@@ -224,7 +252,10 @@ impl BusDevice for MmioTransport {
         }
         data.fill(0);
         if data.len() != 4 {
-            log::debug!("virtio-mmio: {}-byte read of register {offset:#x}", data.len());
+            log::debug!(
+                "virtio-mmio: {}-byte read of register {offset:#x}",
+                data.len()
+            );
             return;
         }
         let value = self.read_register(offset as u32);
@@ -238,7 +269,10 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!("virtio-mmio: {}-byte write to register {offset:#x}", data.len());
+            log::debug!(
+                "virtio-mmio: {}-byte write to register {offset:#x}",
+                data.len()
+            );
             return;
         };
         self.write_register(offset as u32, u32::from_le_bytes(bytes));

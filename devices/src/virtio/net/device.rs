@@ -12,7 +12,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::NetCounters;
-use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{
+    config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
 /// What the device works with once the driver started it.
@@ -111,8 +113,14 @@ impl<B: NetBackend> Net<B> {
 /// Counts a refused chain; the first one is worth a warning, a guest that keeps sending them must not
 /// flood the log.
 pub(super) fn report_malformed(name: &str, counters: &NetCounters, why: Malformed) {
-    if counters.malformed_chains.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
-        log::warn!("{name}: the guest sent a malformed descriptor chain ({why:?}); returned with length 0");
+    if counters
+        .malformed_chains
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        log::warn!(
+            "{name}: the guest sent a malformed descriptor chain ({why:?}); returned with length 0"
+        );
     } else {
         log::debug!("{name}: malformed descriptor chain ({why:?})");
     }
@@ -137,7 +145,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Some(src) = usize::try_from(offset).ok().and_then(|o| self.config.get(o..)) else {
+        let Some(src) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.config.get(o..))
+        else {
             return;
         };
         let n = src.len().min(data.len());
@@ -154,9 +165,13 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [Queue; 2] = queues
-            .try_into()
-            .map_err(|q: Vec<Queue>| ActivateError::QueueCount { got: q.len(), want: 2 })?;
+        let [rx, tx]: [Queue; 2] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+                    got: q.len(),
+                    want: 2,
+                })?;
         for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
             if !q.is_valid(&mem) {
                 return Err(ActivateError::BadQueue(i));

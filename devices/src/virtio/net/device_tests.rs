@@ -20,17 +20,28 @@ const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
 
 #[test]
 fn activation_applies_the_acked_guest_offloads_to_the_backend() {
-    let acked = V1 | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_CTRL_VQ);
+    let acked = V1
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_TSO4)
+        | bit(VIRTIO_NET_F_CTRL_VQ);
     let h = Harness::started(TUN_F_ALL, acked);
     assert!(h.net.is_active());
-    assert_eq!(h.net.acked_features() & bit(VIRTIO_NET_F_CTRL_VQ), 0, "not offered, so not acked");
+    assert_eq!(
+        h.net.acked_features() & bit(VIRTIO_NET_F_CTRL_VQ),
+        0,
+        "not offered, so not acked"
+    );
     assert_eq!(h.net.backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
     let mut config = [0u8; 12];
     h.net.read_config(0, &mut config);
     assert_eq!(&config[..6], &super::test_utils::MAC);
     let mut past = [0xffu8; 4];
     h.net.read_config(10, &mut past);
-    assert_eq!(past, [0xdc, 0x05, 0, 0], "mtu 1500, then zeros past the end");
+    assert_eq!(
+        past,
+        [0xdc, 0x05, 0, 0],
+        "mtu 1500, then zeros past the end"
+    );
 }
 
 #[test]
@@ -54,8 +65,14 @@ fn tx_frames_of_one_or_many_buffers_reach_the_backend_whole() {
     assert_eq!(&got[..n], &two[..]);
     assert_eq!(h.used(TX_QUEUE), vec![(0, 0), (1, 0)]);
     let s = h.net.counters().snapshot();
-    assert_eq!((s.tx_frames, s.tx_bytes, s.tx_csum_frames, s.tx_gso_frames), (2, 3100, 1, 1));
-    assert!(h.irq.read().is_ok(), "the guest is interrupted for used TX buffers");
+    assert_eq!(
+        (s.tx_frames, s.tx_bytes, s.tx_csum_frames, s.tx_gso_frames),
+        (2, 3100, 1, 1)
+    );
+    assert!(
+        h.irq.read().is_ok(),
+        "the guest is interrupted for used TX buffers"
+    );
 }
 
 #[test]
@@ -105,14 +122,20 @@ fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
     h.net.process_rx();
     assert!(h.used(RX_QUEUE).is_empty());
     assert_eq!(h.net.counters().snapshot().rx_no_buffers, 1);
-    assert!(h.net.rx_pending, "the frame is still waiting in the backend");
+    assert!(
+        h.net.rx_pending,
+        "the frame is still waiting in the backend"
+    );
     for _ in 0..2 {
         let b = h.buffer(2048, &[]);
         h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
     }
     h.net.process_rx(); // what a guest notification on the RX queue does
     assert_eq!(h.used(RX_QUEUE), vec![(0, 52)]);
-    assert!(!h.net.rx_pending, "read to EAGAIN, the second buffer stays with the device");
+    assert!(
+        !h.net.rx_pending,
+        "read to EAGAIN, the second buffer stays with the device"
+    );
 }
 
 #[test]
@@ -125,11 +148,16 @@ fn malformed_tx_chains_are_returned_empty_and_nothing_is_sent() {
     h.add_chain(TX_QUEUE, &[(ok, 12, 0), (ok, 70_000, 0)]); // longer than any frame (and memory)
     let big = h.buffer(70_000, &[]);
     h.add_chain(TX_QUEUE, &[(big, 70_000, 0)]); // longer than any frame
-    // A chain whose descriptor points at itself.
+                                                // A chain whose descriptor points at itself.
     let looping = RawDescriptor::from(SplitDescriptor::new(ok, 64, F_NEXT, 5));
     h.add_raw(TX_QUEUE, &[looping]);
     // A chain whose next index is past the table.
-    h.add_raw(TX_QUEUE, &[RawDescriptor::from(SplitDescriptor::new(ok, 64, F_NEXT, 999))]);
+    h.add_raw(
+        TX_QUEUE,
+        &[RawDescriptor::from(SplitDescriptor::new(
+            ok, 64, F_NEXT, 999,
+        ))],
+    );
     h.net.process_tx();
     let used = h.used(TX_QUEUE);
     assert_eq!(used.len(), 7, "{used:?}");
@@ -137,7 +165,10 @@ fn malformed_tx_chains_are_returned_empty_and_nothing_is_sent() {
     let s = h.net.counters().snapshot();
     assert_eq!((s.malformed_chains, s.tx_frames), (7, 0));
     let mut buf = [0u8; 100];
-    assert!(h.peer.recv(&mut buf).is_err(), "nothing reached the backend");
+    assert!(
+        h.peer.recv(&mut buf).is_err(),
+        "nothing reached the backend"
+    );
     // The queue still works afterwards.
     h.add_chain(TX_QUEUE, &[(ok, 64, 0)]);
     h.net.process_tx();

@@ -17,7 +17,10 @@ impl<B: NetBackend> Net<B> {
         [
             Events::new(&self.queue_evts[RX_QUEUE], EventSet::IN),
             Events::new(&self.queue_evts[TX_QUEUE], EventSet::IN),
-            Events::new(&self.backend, EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED),
+            Events::new(
+                &self.backend,
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            ),
         ]
     }
 
@@ -28,9 +31,16 @@ impl<B: NetBackend> Net<B> {
             return;
         }
         for events in self.runtime_events() {
-            let result = if want { ops.add(events) } else { ops.remove(events) };
+            let result = if want {
+                ops.add(events)
+            } else {
+                ops.remove(events)
+            };
             if let Err(e) = result {
-                log::error!("{}: (un)registering an fd with the event loop: {e:?}", self.name);
+                log::error!(
+                    "{}: (un)registering an fd with the event loop: {e:?}",
+                    self.name
+                );
             }
         }
         self.registered = want;

@@ -12,7 +12,9 @@ use super::Malformed;
 /// iovecs of another lifetime), so the data path allocates nothing per frame.
 pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
-    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
 }
 
 /// Walks a chain's descriptors (virtio-queue's iterator stops silently on loops and bad indexes; a
@@ -36,7 +38,8 @@ pub fn descriptors(
 
 fn host_ptr(mem: &GuestMemoryMmap, desc: &Descriptor) -> Result<(*mut u8, usize), Malformed> {
     let len = desc.len() as usize;
-    let slice = GuestMemoryBackend::get_slice(mem, desc.addr(), len).map_err(|_| Malformed::OutsideMemory)?;
+    let slice = GuestMemoryBackend::get_slice(mem, desc.addr(), len)
+        .map_err(|_| Malformed::OutsideMemory)?;
     Ok((slice.ptr_guard_mut().as_ptr(), len))
 }
 
@@ -53,7 +56,9 @@ pub fn push_writable<'m>(
     // SAFETY: `get_slice` checked that [ptr, ptr + len) lies inside one mapped region of `mem`,
     // which outlives 'm. The slice is only handed to readv; Rust code never reads it, so the guest
     // changing it concurrently (or aliasing buffers) cannot break any invariant of ours.
-    out.push(IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, len) }));
+    out.push(IoSliceMut::new(unsafe {
+        std::slice::from_raw_parts_mut(ptr, len)
+    }));
     Ok(desc.len())
 }
 
@@ -76,12 +81,19 @@ pub fn push_readable<'m>(
             .map_err(|_| Malformed::OutsideMemory)?;
     }
     // SAFETY: as in push_writable; this slice is only handed to writev.
-    out.push(IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) }));
+    out.push(IoSlice::new(unsafe {
+        std::slice::from_raw_parts(ptr, len)
+    }));
     Ok(desc.len())
 }
 
 /// Writes `bytes` at byte `offset` of the buffers `bufs` (guest addresses and lengths).
-pub fn write_at(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, u32)], mut offset: usize, bytes: &[u8]) -> bool {
+pub fn write_at(
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, u32)],
+    mut offset: usize,
+    bytes: &[u8],
+) -> bool {
     let mut rest = bytes;
     for (addr, len) in bufs {
         let len = *len as usize;
@@ -90,7 +102,10 @@ pub fn write_at(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, u32)], mut offset:
             continue;
         }
         let n = rest.len().min(len - offset);
-        if mem.write_slice(&rest[..n], addr.unchecked_add_usize(offset)).is_err() {
+        if mem
+            .write_slice(&rest[..n], addr.unchecked_add_usize(offset))
+            .is_err()
+        {
             return false;
         }
         rest = &rest[n..];

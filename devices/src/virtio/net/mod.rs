@@ -16,9 +16,9 @@ mod rx;
 mod tx;
 
 #[cfg(test)]
-mod test_utils;
-#[cfg(test)]
 mod device_tests;
+#[cfg(test)]
+mod test_utils;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
@@ -66,7 +66,8 @@ pub fn offered_features(tun_offloads: u32, has_mtu: bool) -> u64 {
 
 /// Largest frame (with header) the guest may be handed, given what it acked.
 pub fn rx_frame_max(acked: u64, mtu: u16) -> usize {
-    let gso = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_UFO);
+    let gso =
+        bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_UFO);
     if acked & gso != 0 {
         MAX_GSO_FRAME
     } else {
@@ -107,7 +108,12 @@ mod tests {
     #[test]
     fn offers_only_the_guest_offloads_the_host_takes() {
         let all = offered_features(TUN_F_ALL, true);
-        for b in [VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MTU] {
+        for b in [
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_MTU,
+        ] {
             assert_ne!(all & bit(b), 0, "bit {b}");
         }
         let no_ufo = offered_features(TUN_F_ALL & !TUN_F_UFO, false);
@@ -122,7 +128,10 @@ mod tests {
     #[test]
     fn rx_frames_are_big_only_when_the_guest_takes_gso() {
         assert_eq!(rx_frame_max(bit(VIRTIO_NET_F_GUEST_TSO4), 1500), 65562);
-        assert_eq!(rx_frame_max(bit(VIRTIO_NET_F_GUEST_CSUM), 1500), 12 + 18 + 1500);
+        assert_eq!(
+            rx_frame_max(bit(VIRTIO_NET_F_GUEST_CSUM), 1500),
+            12 + 18 + 1500
+        );
         assert_eq!(rx_frame_max(0, 9000), 12 + 18 + 9000);
     }
 

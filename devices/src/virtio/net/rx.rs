@@ -41,14 +41,18 @@ impl<B: NetBackend> Net<B> {
                 let before = iov.len();
                 let mut len = 0u32;
                 let hdr_bufs = &mut self.rx_hdr_bufs;
-                let parsed = descriptors(chain, |d| {
-                    len = len.checked_add(push_writable(mem, d, &mut iov)?).ok_or(Malformed::TooLong)?;
+                let mut parsed = descriptors(chain, |d| {
+                    len = len
+                        .checked_add(push_writable(mem, d, &mut iov)?)
+                        .ok_or(Malformed::TooLong)?;
                     if first {
                         hdr_bufs.push((d.addr(), d.len()));
                     }
                     Ok(())
-                })
-                .and_then(|_| if first && (len as usize) < HDR_LEN { Err(Malformed::TooShort) } else { Ok(()) });
+                });
+                if parsed.is_ok() && first && (len as usize) < HDR_LEN {
+                    parsed = Err(Malformed::TooShort);
+                }
                 if let Err(why) = parsed {
                     iov.truncate(before);
                     if first {
@@ -145,7 +149,11 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let q = if queue == RX_QUEUE { &mut active.rx } else { &mut active.tx };
+        let q = if queue == RX_QUEUE {
+            &mut active.rx
+        } else {
+            &mut active.tx
+        };
         match q.needs_notification(&active.mem) {
             Ok(false) => {}
             Ok(true) => {
@@ -154,7 +162,10 @@ impl<B: NetBackend> Net<B> {
                     log::error!("{}: raising the interrupt: {e}", self.name);
                 }
             }
-            Err(e) => log::error!("{}: reading the driver's notification state: {e}", self.name),
+            Err(e) => log::error!(
+                "{}: reading the driver's notification state: {e}",
+                self.name
+            ),
         }
     }
 }

@@ -42,8 +42,9 @@ impl Harness {
     }
 
     pub fn new(host_offloads: u32) -> Self {
-        let mem: &'static GuestMemoryMmap =
-            Box::leak(Box::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()));
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+        ));
         let rxq = MockSplitQueue::create(mem, GuestAddress(0), 256);
         let txq = MockSplitQueue::create(mem, GuestAddress(0x8000), 256);
         let (backend, peer) = SocketpairBackend::pair(host_offloads).unwrap();
@@ -62,13 +63,18 @@ impl Harness {
 
     pub fn start(&mut self, acked: u64) {
         self.net.ack_features(acked);
-        let queues: Vec<Queue> = vec![self.rxq.create_queue().unwrap(), self.txq.create_queue().unwrap()];
+        let queues: Vec<Queue> = vec![
+            self.rxq.create_queue().unwrap(),
+            self.txq.create_queue().unwrap(),
+        ];
         let mut queues = queues;
         for q in &mut queues {
             virtio_queue::QueueT::set_event_idx(q, false);
         }
         let interrupt = Arc::new(Interrupt::new(self.irq.try_clone().unwrap()));
-        self.net.activate(self.mem.clone(), interrupt, queues).unwrap();
+        self.net
+            .activate(self.mem.clone(), interrupt, queues)
+            .unwrap();
     }
 
     /// A fresh buffer of `len` bytes filled with `fill`.
@@ -88,7 +94,12 @@ impl Harness {
             .map(|(i, (addr, len, flags))| {
                 let last = i + 1 == descs.len();
                 let flags = if last { *flags } else { flags | F_NEXT };
-                RawDescriptor::from(SplitDescriptor::new(*addr, *len, flags, start + i as u16 + 1))
+                RawDescriptor::from(SplitDescriptor::new(
+                    *addr,
+                    *len,
+                    flags,
+                    start + i as u16 + 1,
+                ))
             })
             .collect();
         self.add_raw(q, &raw);

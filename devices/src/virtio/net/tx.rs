@@ -35,14 +35,16 @@ impl<B: NetBackend> Net<B> {
                 let mut iov = recycle(std::mem::take(&mut self.tx_iov));
                 let mut hdr = [0u8; HDR_LEN];
                 let mut total = 0usize;
-                let parsed = descriptors(chain, |d| {
+                let mut parsed = descriptors(chain, |d| {
                     total += push_readable(mem, d, &mut iov, total, &mut hdr)? as usize;
                     if total > MAX_GSO_FRAME {
                         return Err(Malformed::TooLong);
                     }
                     Ok(())
-                })
-                .and_then(|_| if total < HDR_LEN { Err(Malformed::TooShort) } else { Ok(()) });
+                });
+                if parsed.is_ok() && total < HDR_LEN {
+                    parsed = Err(Malformed::TooShort);
+                }
                 let result = match parsed {
                     Ok(()) => Some(self.backend.write_frame(&iov)),
                     Err(why) => {
@@ -68,11 +70,10 @@ impl<B: NetBackend> Net<B> {
                             NetCounters::add(&counters.tx_gso_frames, 1);
                         }
                     }
-                    Some(Err(e)) => {
-                        if counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            log::warn!("{}: the backend refused a frame: {e}", self.name);
-                        }
+                    Some(Err(e)) if counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 => {
+                        log::warn!("{}: the backend refused a frame: {e}", self.name);
                     }
+                    Some(Err(_)) => {}
                     None => {}
                 }
                 if let Err(e) = tx.add_used(mem, head, 0) {

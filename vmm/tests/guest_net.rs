@@ -1,0 +1,194 @@
+//! Guest-level tests of virtio-net through a macvtap: the test guest on KVM (or in the lab) in a fresh
+//! namespace pair (scripts/lib/testnet: a veth peer at 10.77.0.1, a bridge-mode macvtap on the other
+//! end) talks to the peer: ping both ways, 100 MB over TCP each way with matching checksums, UDP, a
+//! driver reset, offload counters; then two NICs at once, and `link=` leaving no macvtap behind.
+
+use std::path::Path;
+
+use tapir_tests::{guest_file, initramfs_with_script, on_kvm_host, scratch_dir, Run};
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
+    let path = dir.join("host.sh");
+    std::fs::write(&path, script).expect("writing the host script");
+    let mut cmd = vec!["bash", path.to_str().expect("utf-8 path")];
+    cmd.extend_from_slice(args);
+    on_kvm_host(&["--timeout", "500", "--memory", "4096"], &cmd)
+}
+
+fn line_value<'a>(run: &'a Run, prefix: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{run}"))
+        .trim()
+}
+
+fn counter(run: &Run, name: &str) -> u64 {
+    line_value(run, name)
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("counter {name}\n{run}"))
+}
+
+const GUEST_TRAFFIC: &str = r#"
+peer=10.77.0.1
+sleep 3   # the host pings us meanwhile
+ping -c 3 -W 2 $peer && echo "PING-OUT ok"
+echo "DOWN $(wget -q -O - http://$peer/blob | sha256sum | cut -c1-64)"
+dd if=/dev/urandom of=/tmp/up bs=1M count=100 2>/dev/null
+echo "UP-LOCAL $(sha256sum /tmp/up | cut -c1-64)"
+nc $peer 5001 </tmp/up
+rm /tmp/up
+iperf3 -c $peer -t 3 -f m | grep -E 'receiver' | sed 's/^/TCP-OUT /'
+iperf3 -c $peer -t 3 -f m -R | grep -E 'receiver' | sed 's/^/TCP-IN /'
+iperf3 -c $peer -u -b 0 -l 64 -t 3 | grep -E 'receiver' | sed 's/^/UDP /'
+# A driver reset: unbind and bind virtio_net again, configure, talk again.
+dev=$(basename $(readlink /sys/class/net/eth0/device))
+echo -n $dev > /sys/bus/virtio/drivers/virtio_net/unbind
+echo -n $dev > /sys/bus/virtio/drivers/virtio_net/bind
+ip addr add 10.77.0.2/24 dev eth0 && ip link set eth0 up
+sleep 1
+ping -c 2 -W 2 $peer && echo "PING-AFTER-RESET ok"
+"#;
+
+#[test]
+#[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
+fn guest_talks_to_its_peer_through_the_macvtap() {
+    let dir = scratch_dir("net-traffic");
+    let initrd = initramfs_with_script(&dir, GUEST_TRAFFIC);
+    let kernel = guest_file("bzImage");
+    let script = r#"
+set -u
+T=$1 K=$2 I=$3 D=$4
+eval "$(scripts/lib/testnet up gnet)"
+trap 'kill $(jobs -p) 2>/dev/null; scripts/lib/testnet down gnet' EXIT
+head -c 100M /dev/urandom >$D/blob
+echo "PEER-SHA $(sha256sum <$D/blob | cut -c1-64)"
+ip netns exec $PEER_NS busybox httpd -f -p 80 -h $D &
+# nc's stdin must stay open: at EOF busybox nc shuts its side down, and the guest's nc quits early.
+mkfifo $D/hold
+exec 8<>$D/hold
+ip netns exec $PEER_NS busybox nc -l -p 5001 <$D/hold >$D/upload.bin &
+ip netns exec $PEER_NS iperf3 -s >/dev/null 2>&1 &
+ip netns exec $VM_NS "$T" run --kernel $K --initrd $I --memory 512 --net macvtap=$TAP_NAME --stats \
+    --cmdline "console=ttyS0 reboot=k panic=-1 tapir.ip=$GUEST_IP/$PREFIX" >$D/console.txt 2>&1 </dev/null &
+tapir=$!
+for _ in $(seq 1 300); do grep -q "^eth0:" $D/console.txt && break; sleep 0.1; done
+ip netns exec $PEER_NS busybox ping -c 3 -W 2 $GUEST_IP && echo "PING-IN ok"
+wait $tapir
+echo "tapir-status=$?"
+cat $D/console.txt
+echo "UP-PEER $(sha256sum <$D/upload.bin | cut -c1-64)"
+echo "UP-BYTES $(wc -c <$D/upload.bin)"
+"#;
+    let run = run_script(
+        &dir,
+        script,
+        &[
+            TAPIR,
+            kernel.to_str().unwrap(),
+            initrd.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+    );
+    for wanted in [
+        "PING-IN ok",
+        "PING-OUT ok",
+        "PING-AFTER-RESET ok",
+        "TAPIR-EXIT 0",
+        "tapir: guest rebooted",
+        "tapir-status=0",
+    ] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
+    let peer_sha = line_value(&run, "PEER-SHA ");
+    assert_eq!(
+        line_value(&run, "DOWN "),
+        peer_sha,
+        "100 MB peer -> guest arrived intact"
+    );
+    assert_eq!(
+        line_value(&run, "UP-PEER "),
+        line_value(&run, "UP-LOCAL "),
+        "100 MB guest -> peer arrived intact"
+    );
+    for prefix in ["TCP-OUT ", "TCP-IN ", "UDP "] {
+        assert!(
+            line_value(&run, prefix).contains("Mbits/sec"),
+            "{prefix}\n{run}"
+        );
+    }
+    // The guest's TCP used the offloads: segmentation and checksums left to the host, and GSO frames
+    // from the peer handed to the guest whole.
+    assert!(counter(&run, "tx_gso_frames") > 0, "{run}");
+    assert!(counter(&run, "tx_csum_frames") > 0, "{run}");
+    assert!(counter(&run, "rx_gso_frames") > 0, "{run}");
+    assert!(
+        counter(&run, "rx_bytes") > 100 << 20,
+        "the 100 MB download went through the device\n{run}"
+    );
+    assert_eq!(counter(&run, "malformed_chains"), 0, "{run}");
+}
+
+#[test]
+#[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
+fn two_nics_at_once_and_link_leaves_no_macvtap_behind() {
+    let dir = scratch_dir("net-two");
+    let initrd = initramfs_with_script(
+        &dir,
+        "ip addr add 10.77.0.3/24 dev eth1 && ip link set eth1 up\n\
+         echo \"ETH1 $(cat /sys/class/net/eth1/address)\"\n\
+         ping -c 2 -W 2 10.77.0.1 && echo PING-ETH0 ok\n\
+         ping -c 2 -W 2 -I eth1 10.77.0.1 && echo PING-ETH1 ok\n",
+    );
+    let kernel = guest_file("bzImage");
+    let script = r#"
+set -u
+T=$1 K=$2 I=$3
+eval "$(scripts/lib/testnet up gtwo)"
+trap 'scripts/lib/testnet down gtwo' EXIT
+macvtaps() { ip -n $VM_NS -o link show type macvtap | wc -l; }
+echo "macvtaps-before=$(macvtaps)"
+ip netns exec $VM_NS timeout 120 "$T" run --kernel $K --initrd $I --stats \
+    --net macvtap=$TAP_NAME --net link=lower0,mac=52:54:00:77:00:09 \
+    --cmdline "console=ttyS0 reboot=k panic=-1 tapir.ip=$GUEST_IP/$PREFIX" </dev/null
+echo "tapir-status=$?"
+echo "macvtaps-after=$(macvtaps)"
+ip netns exec $VM_NS timeout 120 "$T" run --kernel $K --net link=lower0 --console none \
+    --cmdline "console=ttyS0 rdinit=/nonexistent" </dev/null
+echo "failed-status=$?"
+echo "macvtaps-after-failure=$(macvtaps)"
+ip netns exec $VM_NS "$T" run --kernel $K --net link=nonexistent0 --console none </dev/null
+echo "bad-link-status=$?"
+"#;
+    let run = run_script(
+        &dir,
+        script,
+        &[TAPIR, kernel.to_str().unwrap(), initrd.to_str().unwrap()],
+    );
+    for wanted in [
+        "ETH1 52:54:00:77:00:09",
+        "PING-ETH0 ok",
+        "PING-ETH1 ok",
+        "tapir-status=0",
+        "macvtaps-before=1",
+        "macvtaps-after=1",
+        "failed-status=3",
+        "macvtaps-after-failure=1",
+        "bad-link-status=1",
+        "nonexistent0",
+    ] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
+    let eth1_rx = line_value(&run, "rx_frames")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        eth1_rx.is_some_and(|n| n > 0),
+        "eth1 received frames\n{run}"
+    );
+}

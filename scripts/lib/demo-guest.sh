@@ -13,3 +13,5 @@ echo "download took $(echo "$start $end" | awk '{printf "%.2f", $2 - $1}') s"
 echo "--- guest: iperf3 to the peer, 3 s each way"
 iperf3 -c "$peer" -t 3 -f m | grep -E 'sender|receiver'
 iperf3 -c "$peer" -t 3 -f m -R | grep -E 'sender|receiver'
+echo "--- guest: iperf3 UDP to the peer, 64-byte datagrams, 3 s"
+iperf3 -c "$peer" -u -b 0 -l 64 -t 3 | grep -E 'receiver'

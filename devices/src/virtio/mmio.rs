@@ -278,3 +278,203 @@ impl BusDevice for MmioTransport {
         self.write_register(offset as u32, u32::from_le_bytes(bytes));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::GuestAddress;
+
+    /// A device that records what the transport asks of it.
+    #[derive(Default)]
+    struct Fake {
+        acked: u64,
+        activations: Arc<AtomicUsize>,
+        resets: Arc<AtomicUsize>,
+    }
+
+    const OFFERED: u64 = (1 << VIRTIO_F_VERSION_1) | 0b101;
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            OFFERED
+        }
+        fn ack_features(&mut self, features: u64) {
+            self.acked = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8 + 0x40);
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            _: Arc<Interrupt>,
+            queues: Vec<Queue>,
+        ) -> Result<(), super::super::ActivateError> {
+            assert_eq!(queues.len(), 2);
+            assert!(queues.iter().all(|q| q.ready() && q.size() == 8));
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>, EventFd) {
+        let fake = Fake::default();
+        let (a, r) = (fake.activations.clone(), fake.resets.clone());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(
+            Arc::new(Mutex::new(fake)),
+            mem,
+            Arc::new(Interrupt::new(irq)),
+            vec![notify.try_clone().unwrap()],
+        );
+        (t, a, r, notify)
+    }
+
+    fn rd(t: &mut MmioTransport, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(reg), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, reg: u32, v: u32) {
+        t.write(u64::from(reg), &v.to_le_bytes());
+    }
+
+    /// Sets up both queues as a driver does: size 8 and ring addresses in guest memory.
+    fn set_up_queues(t: &mut MmioTransport) {
+        for q in 0..2u32 {
+            wr(t, VIRTIO_MMIO_QUEUE_SEL, q);
+            assert_eq!(rd(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+            wr(t, VIRTIO_MMIO_QUEUE_NUM, 8);
+            wr(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000 + q * 0x1000);
+            wr(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1200 + q * 0x1000);
+            wr(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x1400 + q * 0x1000);
+            wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        }
+    }
+
+    #[test]
+    fn a_driver_negotiates_sets_up_queues_and_starts_the_device() {
+        let (mut t, activations, resets, notify) = transport();
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_ID), 1);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
+        wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 0b101);
+        wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0b100);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
+            0,
+            "features accepted"
+        );
+        set_up_queues(&mut t);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(activations.load(Ordering::SeqCst), 1);
+        // Queue set-up is frozen while the device runs.
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        // A notification that reaches the bus is forwarded to the queue's eventfd.
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(notify.read().unwrap(), 1);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 7); // unknown queue: ignored
+                                                 // Config space reads go to the device.
+        let mut cfg = [0u8; 2];
+        t.read(u64::from(VIRTIO_MMIO_CONFIG) + 2, &mut cfg);
+        assert_eq!(cfg, [0x42, 0x42]);
+        // Reset, and the driver can do it all again.
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_QUEUE_READY),
+            0,
+            "fresh queues after reset"
+        );
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, status::FEATURES_OK);
+        set_up_queues(&mut t);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(activations.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn features_outside_the_offer_or_without_version_1_are_refused() {
+        for (low, high) in [(0b010u32, 1u32), (0b100, 0)] {
+            let (mut t, activations, _, _) = transport();
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, low);
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, high);
+            wr(&mut t, VIRTIO_MMIO_STATUS, status::FEATURES_OK);
+            assert_eq!(
+                rd(&mut t, VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
+                0,
+                "{low:#x} {high:#x}"
+            );
+            set_up_queues(&mut t);
+            wr(
+                &mut t,
+                VIRTIO_MMIO_STATUS,
+                status::FEATURES_OK | status::DRIVER_OK,
+            );
+            assert_eq!(
+                activations.load(Ordering::SeqCst),
+                0,
+                "never started without FEATURES_OK"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let (mut t, ..) = transport();
+        let mut two = [0xffu8; 2];
+        t.read(u64::from(VIRTIO_MMIO_STATUS), &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(u64::from(VIRTIO_MMIO_STATUS), &[1, 2]);
+        wr(&mut t, 0x0ff0 - 0x100, 5);
+        assert_eq!(rd(&mut t, 0x0a8), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 99);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
+        wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+    }
+}

@@ -114,6 +114,16 @@ pub fn on_kvm_host(lab_args: &[&str], cmd: &[&str]) -> Run {
     Run::from_output(out)
 }
 
+/// Writes `script` to `dir/host.sh` and runs it with bash and `args` where a guest can boot
+/// ([`on_kvm_host`], with `lab_args` for the lab); in the lab its stdout and stderr come back merged.
+pub fn run_host_script(dir: &Path, lab_args: &[&str], script: &str, args: &[&str]) -> Run {
+    let path = dir.join("host.sh");
+    fs::write(&path, script).expect("writing the host script");
+    let mut cmd = vec!["bash", path.to_str().expect("utf-8 path")];
+    cmd.extend_from_slice(args);
+    on_kvm_host(lab_args, &cmd)
+}
+
 /// Writes `script` as the guest's `/tapir/run` into a new initramfs (guest-images/with-script) in `dir`.
 pub fn initramfs_with_script(dir: &Path, script: &str) -> PathBuf {
     let script_path = dir.join("run.sh");

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tapir_tests::{guest_file, initramfs_with_script, on_kvm_host, scratch_dir, Run};
+use tapir_tests::{guest_file, initramfs_with_script, run_host_script, scratch_dir, Run};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -20,11 +20,7 @@ fn example_boot() -> PathBuf {
 
 /// Runs a bash script on the KVM host with `args`; its output is the lab's (stdout and stderr merged).
 fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
-    let path = dir.join("host.sh");
-    std::fs::write(&path, script).expect("writing the host script");
-    let mut cmd = vec!["bash", path.to_str().expect("utf-8 path")];
-    cmd.extend_from_slice(args);
-    on_kvm_host(&["--timeout", "400"], &cmd)
+    run_host_script(dir, &["--timeout", "400"], script, args)
 }
 
 /// The output between `=== NAME` and the next `=== ` header line that starts a case.

@@ -5,16 +5,12 @@
 
 use std::path::Path;
 
-use tapir_tests::{guest_file, initramfs_with_script, on_kvm_host, scratch_dir, Run};
+use tapir_tests::{guest_file, initramfs_with_script, run_host_script, scratch_dir, Run};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
 fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
-    let path = dir.join("host.sh");
-    std::fs::write(&path, script).expect("writing the host script");
-    let mut cmd = vec!["bash", path.to_str().expect("utf-8 path")];
-    cmd.extend_from_slice(args);
-    on_kvm_host(&["--timeout", "500", "--memory", "4096"], &cmd)
+    run_host_script(dir, &["--timeout", "500", "--memory", "4096"], script, args)
 }
 
 fn line_value<'a>(run: &'a Run, prefix: &str) -> &'a str {

@@ -175,7 +175,6 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u32, value: u32) {
-        let high = |v: u32| Some(v);
         match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
@@ -220,7 +219,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_DESC_HIGH => self
                 .queue()
                 .into_iter()
-                .for_each(|q| q.set_desc_table_address(None, high(value))),
+                .for_each(|q| q.set_desc_table_address(None, Some(value))),
             VIRTIO_MMIO_QUEUE_AVAIL_LOW => self
                 .queue()
                 .into_iter()
@@ -228,7 +227,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self
                 .queue()
                 .into_iter()
-                .for_each(|q| q.set_avail_ring_address(None, high(value))),
+                .for_each(|q| q.set_avail_ring_address(None, Some(value))),
             VIRTIO_MMIO_QUEUE_USED_LOW => self
                 .queue()
                 .into_iter()
@@ -236,7 +235,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_USED_HIGH => self
                 .queue()
                 .into_iter()
-                .for_each(|q| q.set_used_ring_address(None, high(value))),
+                .for_each(|q| q.set_used_ring_address(None, Some(value))),
             _ => log::debug!(
                 "virtio-mmio: write {value:#x} to unknown or read-only register {offset:#x}"
             ),

@@ -4,7 +4,7 @@
 use std::io::{IoSlice, IoSliceMut};
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::Malformed;
 
@@ -103,7 +103,7 @@ pub fn write_at(
         }
         let n = rest.len().min(len - offset);
         if mem
-            .write_slice(&rest[..n], addr.unchecked_add_usize(offset))
+            .write_slice(&rest[..n], addr.unchecked_add(offset as u64))
             .is_err()
         {
             return false;
@@ -115,14 +115,4 @@ pub fn write_at(
         }
     }
     rest.is_empty()
-}
-
-trait AddUsize {
-    fn unchecked_add_usize(&self, n: usize) -> GuestAddress;
-}
-
-impl AddUsize for GuestAddress {
-    fn unchecked_add_usize(&self, n: usize) -> GuestAddress {
-        GuestAddress(self.0 + n as u64)
-    }
 }

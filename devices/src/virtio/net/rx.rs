@@ -143,29 +143,4 @@ impl<B: NetBackend> Net<B> {
             self.notify_guest(RX_QUEUE);
         }
     }
-
-    /// Raises the interrupt if the driver wants one for what `queue` just used.
-    pub(super) fn notify_guest(&mut self, queue: usize) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let q = if queue == RX_QUEUE {
-            &mut active.rx
-        } else {
-            &mut active.tx
-        };
-        match q.needs_notification(&active.mem) {
-            Ok(false) => {}
-            Ok(true) => {
-                NetCounters::add(&self.counters.interrupts, 1);
-                if let Err(e) = active.interrupt.signal_used() {
-                    log::error!("{}: raising the interrupt: {e}", self.name);
-                }
-            }
-            Err(e) => log::error!(
-                "{}: reading the driver's notification state: {e}",
-                self.name
-            ),
-        }
-    }
 }

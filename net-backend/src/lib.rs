@@ -39,4 +39,8 @@ pub trait NetBackend: AsRawFd + Send {
     /// Lets the host hand the guest frames with these TUN_F_* offloads (see [`offload`]); returns the
     /// flags actually set, which may lack some that the host refused.
     fn set_offloads(&mut self, tun_flags: u32) -> Result<u32, Self::Error>;
+
+    /// With several queues on one NIC: whether the host hands this queue frames at all (a queue the
+    /// guest does not use must not be given flows it will never read).
+    fn set_queue_enabled(&mut self, enabled: bool) -> Result<(), Self::Error>;
 }

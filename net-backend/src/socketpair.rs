@@ -15,6 +15,8 @@ pub struct SocketpairBackend {
     pub accepted_offloads: u32,
     /// The flags set by the last `set_offloads`.
     pub offloads: u32,
+    /// What `set_queue_enabled` was last told.
+    pub enabled: bool,
 }
 
 impl SocketpairBackend {
@@ -40,6 +42,7 @@ impl SocketpairBackend {
             fd: ours,
             accepted_offloads,
             offloads: 0,
+            enabled: true,
         };
         Ok((backend, UnixDatagram::from(theirs)))
     }
@@ -59,6 +62,11 @@ impl NetBackend for SocketpairBackend {
     fn set_offloads(&mut self, tun_flags: u32) -> io::Result<u32> {
         self.offloads = tun_flags & self.accepted_offloads;
         Ok(self.offloads)
+    }
+
+    fn set_queue_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.enabled = enabled;
+        Ok(())
     }
 }
 

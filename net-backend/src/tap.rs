@@ -21,9 +21,12 @@ ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
 ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, libc::c_uint);
 ioctl_ior_nr!(TUNGETVNETHDRSZ, TUNTAP, 215, libc::c_int);
 ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, libc::c_int);
+ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, libc::c_int);
 
 pub const IFF_TAP: u16 = 0x0002;
 pub const IFF_MULTI_QUEUE: u16 = 0x0100;
+pub const IFF_ATTACH_QUEUE: u16 = 0x0200;
+pub const IFF_DETACH_QUEUE: u16 = 0x0400;
 pub const IFF_NO_PI: u16 = 0x1000;
 pub const IFF_VNET_HDR: u16 = 0x4000;
 
@@ -82,6 +85,13 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("{} a queue of {iface} (TUNSETQUEUE)", if *attach { "attaching" } else { "detaching" })]
+    SetQueue {
+        iface: String,
+        attach: bool,
+        #[source]
+        source: io::Error,
+    },
     #[error("writing a frame to {iface}")]
     Write {
         iface: String,
@@ -104,6 +114,8 @@ struct IfReq {
 pub struct TapQueue {
     file: File,
     iface: String,
+    /// Whether the kernel steers frames to this queue (TUNSETQUEUE); a queue is attached when opened.
+    attached: bool,
 }
 
 impl TapQueue {
@@ -189,6 +201,7 @@ impl TapQueue {
         Ok(TapQueue {
             file,
             iface: iface.into(),
+            attached: true,
         })
     }
 
@@ -309,6 +322,32 @@ impl NetBackend for TapQueue {
 
     fn set_offloads(&mut self, tun_flags: u32) -> Result<u32, TapError> {
         self.apply_offloads(tun_flags)
+    }
+
+    fn set_queue_enabled(&mut self, enabled: bool) -> Result<(), TapError> {
+        // The kernel refuses to attach an attached queue or detach a detached one.
+        if enabled == self.attached {
+            return Ok(());
+        }
+        let mut req = IfReq {
+            flags: if enabled {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            ..Default::default()
+        };
+        // SAFETY: TUNSETQUEUE reads a `struct ifreq` (only its flags), which IfReq lays out.
+        let ret = unsafe { ioctl_with_mut_ref(&self.file, TUNSETQUEUE(), &mut req) };
+        if ret < 0 {
+            return Err(TapError::SetQueue {
+                iface: self.iface.clone(),
+                attach: enabled,
+                source: io::Error::last_os_error(),
+            });
+        }
+        self.attached = enabled;
+        Ok(())
     }
 }
 

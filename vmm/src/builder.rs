@@ -116,10 +116,6 @@ pub enum BuildError {
         #[source]
         source: NicError,
     },
-    #[error(
-        "NIC {spec}: {queues} queues asked for; the virtio-net device has one queue pair so far"
-    )]
-    NicQueues { spec: String, queues: usize },
 }
 
 /// A long command line, shortened for a message.
@@ -362,17 +358,12 @@ impl VmBuilder {
                     spec: spec.to_string(),
                     source,
                 })?;
-            if nic.queues().len() != 1 {
-                return Err(BuildError::NicQueues {
-                    spec: spec.to_string(),
-                    queues: nic.queues().len(),
-                });
-            }
             log::info!(
-                "NIC {spec}: {} mac {} mtu {:?}",
+                "NIC {spec}: {} mac {} mtu {:?}, {} queue pairs",
                 nic.iface(),
                 nic.mac(),
-                nic.mtu()
+                nic.mtu(),
+                nic.queues().len()
             );
             nics.push(nic);
         }
@@ -464,17 +455,10 @@ impl VmBuilder {
         let mut net_infos = Vec::new();
         for (i, (nic, (base, irq))) in nics.iter_mut().zip(&slots).enumerate() {
             let name = format!("eth{i} ({})", nic.iface());
-            let backend = nic
-                .take_queues()
-                .pop()
-                .ok_or_else(|| BuildError::NicQueues {
-                    spec: self.nets[i].to_string(),
-                    queues: 0,
-                })?;
             let mtu = nic.mtu().and_then(|m| u16::try_from(m).ok());
             let net = Net::new(
                 name.clone(),
-                backend,
+                nic.take_queues(),
                 nic.mac().0,
                 mtu,
                 nic.supported_offloads(),

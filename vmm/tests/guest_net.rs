@@ -1,7 +1,8 @@
 //! Guest-level tests of virtio-net through a macvtap: the test guest on KVM (or in the lab) in a fresh
 //! namespace pair (scripts/lib/testnet: a veth peer at 10.77.0.1, a bridge-mode macvtap on the other
 //! end) talks to the peer: ping both ways, 100 MB over TCP each way with matching checksums, UDP, a
-//! driver reset, offload counters; then two NICs at once, and `link=` leaving no macvtap behind.
+//! driver reset, offload counters; then two NICs at once, `link=` leaving no macvtap behind, and a
+//! multiqueue NIC.
 
 use std::path::Path;
 
@@ -187,4 +188,43 @@ echo "bad-link-status=$?"
         eth1_rx.is_some_and(|n| n > 0),
         "eth1 received frames\n{run}"
     );
+}
+
+#[test]
+#[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
+fn a_multiqueue_nic_gives_the_guest_a_queue_pair_per_vcpu() {
+    let dir = scratch_dir("net-mq");
+    let initrd = initramfs_with_script(
+        &dir,
+        "echo \"RX-QUEUES $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)\"\n\
+         ip addr add 10.77.0.4/24 dev eth0 && ip link set eth0 up\n\
+         ping -c 3 -W 2 10.77.0.1 && echo PING ok\n",
+    );
+    let kernel = guest_file("bzImage");
+    let script = r#"
+set -u
+T=$1 K=$2 I=$3
+eval "$(scripts/lib/testnet up gmq)"
+trap 'scripts/lib/testnet down gmq' EXIT
+ip netns exec $VM_NS timeout 120 "$T" run --kernel $K --initrd $I --cpus 2 -v \
+    --net link=lower0,queues=2 </dev/null
+echo "tapir-status=$?"
+echo "macvtaps-after=$(ip -n $VM_NS -o link show type macvtap | wc -l)"
+"#;
+    let run = run_script(
+        &dir,
+        script,
+        &[TAPIR, kernel.to_str().unwrap(), initrd.to_str().unwrap()],
+    );
+    for wanted in [
+        "2 queue pairs",
+        "RX-QUEUES 2",
+        "the guest uses 2 queue pairs",
+        "PING ok",
+        "TAPIR-EXIT 0",
+        "tapir-status=0",
+        "macvtaps-after=1",
+    ] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
 }

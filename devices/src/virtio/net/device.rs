@@ -1,5 +1,9 @@
 //! The virtio-net device's state machine: what it offers, what the driver accepted, activation
-//! (offloads applied to the backend from the acked features) and reset, which can be repeated.
+//! (offloads applied to the backend from the acked features), the number of queue pairs in use,
+//! and reset, which can be repeated.
+//!
+//! Queues follow the virtio-net layout: receiveq1, transmitq1, ... receiveqN, transmitqN, and with
+//! several pairs a control queue last. Pair `p` is served by backend `p` (one macvtap queue each).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -12,39 +16,60 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::NetCounters;
-use super::{
-    config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
-};
+use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
+
+/// Queue index of pair `p`'s receive queue, and of its transmit queue.
+pub const fn rx_index(pair: usize) -> usize {
+    2 * pair
+}
+pub const fn tx_index(pair: usize) -> usize {
+    2 * pair + 1
+}
+
+/// One queue pair's host side.
+pub(super) struct Pair<B> {
+    pub backend: B,
+    /// The backend may hold frames not read yet (its fd is edge-triggered).
+    pub rx_pending: bool,
+    /// The backend refused a frame with EAGAIN; TX waits for it to become writable.
+    pub tx_blocked: bool,
+}
+
+/// One queue pair's guest side, once the driver started the device.
+pub(super) struct ActivePair {
+    pub rx: Queue,
+    pub tx: Queue,
+}
 
 /// What the device works with once the driver started it.
 pub(super) struct Active {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
-    pub rx: Queue,
-    pub tx: Queue,
+    pub pairs: Vec<ActivePair>,
+    pub ctrl: Option<Queue>,
     pub mrg_rxbuf: bool,
     pub rx_frame_max: usize,
 }
 
-/// A virtio-net device over backend `B` (a macvtap queue, or a socketpair in tests).
+/// A virtio-net device over backends `B` (macvtap queues, or socketpairs in tests).
 pub struct Net<B: NetBackend> {
     pub(super) name: String,
-    pub(super) backend: B,
+    pub(super) pairs: Vec<Pair<B>>,
+    /// Pairs the driver uses (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); 1 until it says otherwise.
+    pub(super) pairs_in_use: usize,
+    queue_sizes: Vec<u16>,
     avail_features: u64,
     pub(super) acked_features: u64,
     config: [u8; 12],
     mtu: u16,
-    pub(super) queue_evts: [EventFd; 2],
+    /// One per queue, in queue order.
+    pub(super) queue_evts: Vec<EventFd>,
     /// Written on activation and reset: the event loop then (un)registers the runtime fds.
     pub(super) state_evt: EventFd,
     pub(super) counters: Arc<NetCounters>,
     pub(super) active: Option<Active>,
     pub(super) registered: bool,
-    /// The backend may hold frames not read yet (its fd is edge-triggered).
-    pub(super) rx_pending: bool,
-    /// The backend refused a frame with EAGAIN; TX waits for it to become writable.
-    pub(super) tx_blocked: bool,
     // Scratch space reused for every frame.
     pub(super) rx_iov: Vec<IoSliceMut<'static>>,
     pub(super) tx_iov: Vec<IoSlice<'static>>,
@@ -53,31 +78,47 @@ pub struct Net<B: NetBackend> {
 }
 
 impl<B: NetBackend> Net<B> {
-    /// A device named `name` (for logs) on `backend`, advertising `mac` and `mtu`, offering the
-    /// guest offloads in `host_offloads` (TUN_F_* the backend accepts).
+    /// A device named `name` (for logs) with one queue pair per backend, advertising `mac` and
+    /// `mtu`, offering the guest offloads in `host_offloads` (TUN_F_* the backends accept).
     pub fn new(
         name: impl Into<String>,
-        backend: B,
+        backends: Vec<B>,
         mac: [u8; 6],
         mtu: Option<u16>,
         host_offloads: u32,
     ) -> std::io::Result<Self> {
-        let evt = || EventFd::new(libc::EFD_NONBLOCK);
+        let n = backends.len();
+        if n == 0 || n > u16::MAX as usize / 2 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a virtio-net device needs 1 to 32767 queue pairs, not {n}"),
+            ));
+        }
+        let queues = if n > 1 { 2 * n + 1 } else { 2 };
         let mtu_value = mtu.unwrap_or(1500);
         Ok(Self {
             name: name.into(),
-            backend,
-            avail_features: offered_features(host_offloads, mtu.is_some()),
+            pairs: backends
+                .into_iter()
+                .map(|backend| Pair {
+                    backend,
+                    rx_pending: false,
+                    tx_blocked: false,
+                })
+                .collect(),
+            pairs_in_use: 1,
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            avail_features: offered_features(host_offloads, mtu.is_some(), n),
             acked_features: 0,
-            config: config_space(mac, mtu_value),
+            config: config_space(mac, mtu_value, n as u16),
             mtu: mtu_value,
-            queue_evts: [evt()?, evt()?],
-            state_evt: evt()?,
+            queue_evts: (0..queues)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<std::io::Result<_>>()?,
+            state_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             counters: Arc::new(NetCounters::default()),
             active: None,
             registered: false,
-            rx_pending: false,
-            tx_blocked: false,
             rx_iov: Vec::with_capacity(64),
             tx_iov: Vec::with_capacity(64),
             rx_chains: Vec::with_capacity(64),
@@ -85,7 +126,7 @@ impl<B: NetBackend> Net<B> {
         })
     }
 
-    /// Clones of the RX and TX notification eventfds, to register as ioeventfds.
+    /// Clones of the queues' notification eventfds, in queue order, to register as ioeventfds.
     pub fn queue_evts(&self) -> std::io::Result<Vec<EventFd>> {
         self.queue_evts.iter().map(EventFd::try_clone).collect()
     }
@@ -103,15 +144,43 @@ impl<B: NetBackend> Net<B> {
         self.acked_features
     }
 
-    /// Raises the interrupt if the driver wants one for what `queue` just used.
-    pub(super) fn notify_guest(&mut self, queue: usize) {
+    /// Queue pairs the driver uses.
+    pub fn pairs_in_use(&self) -> usize {
+        self.pairs_in_use
+    }
+
+    /// Index of the control queue, when the device has one.
+    pub(super) fn ctrl_index(&self) -> Option<usize> {
+        (self.pairs.len() > 1).then(|| 2 * self.pairs.len())
+    }
+
+    /// Uses the first `n` pairs: the host steers flows only to their backends.
+    pub(super) fn use_pairs(&mut self, n: usize) -> Result<(), String> {
+        for (p, pair) in self.pairs.iter_mut().enumerate() {
+            pair.backend.set_queue_enabled(p < n).map_err(|e| {
+                format!(
+                    "{} queue pair {p}: {e}",
+                    if p < n { "enabling" } else { "disabling" }
+                )
+            })?;
+        }
+        self.pairs_in_use = n;
+        Ok(())
+    }
+
+    /// Raises the interrupt if the driver wants one for what queue `index` just used.
+    pub(super) fn notify_guest(&mut self, index: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let q = if queue == RX_QUEUE {
-            &mut active.rx
-        } else {
-            &mut active.tx
+        let pair = index / 2;
+        let q = match active.pairs.get_mut(pair) {
+            Some(p) if index % 2 == 0 => &mut p.rx,
+            Some(p) => &mut p.tx,
+            None => match active.ctrl.as_mut() {
+                Some(ctrl) => ctrl,
+                None => return,
+            },
         };
         match q.needs_notification(&active.mem) {
             Ok(false) => {}
@@ -157,7 +226,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -190,38 +259,51 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let [rx, tx]: [Queue; 2] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    got: q.len(),
-                    want: 2,
-                })?;
-        for (i, q) in [(RX_QUEUE, &rx), (TX_QUEUE, &tx)] {
-            if !q.is_valid(&mem) {
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: self.queue_sizes.len(),
+            });
+        }
+        // Pairs the driver does not use yet may stay unset; the first pair and the control queue
+        // must be there.
+        for (i, q) in queues.iter().enumerate() {
+            if !q.is_valid(&mem) && (i < 2 || Some(i) == self.ctrl_index()) {
                 return Err(ActivateError::BadQueue(i));
             }
         }
         let wanted = offload::tun_offloads_for(self.acked_features);
-        let set = self
-            .backend
-            .set_offloads(wanted)
-            .map_err(|e| ActivateError::Backend(format!("setting offloads {wanted:#x}: {e}")))?;
+        let mut set = wanted;
+        for pair in &mut self.pairs {
+            set = pair.backend.set_offloads(wanted).map_err(|e| {
+                ActivateError::Backend(format!("setting offloads {wanted:#x}: {e}"))
+            })?;
+        }
+        self.use_pairs(1).map_err(ActivateError::Backend)?;
         log::info!(
             "{}: driver started: features {:#x}, offloads to the guest {set:#x}",
             self.name,
             self.acked_features
         );
+        let mut queues = queues.into_iter();
+        let mut pairs = Vec::with_capacity(self.pairs.len());
+        for _ in 0..self.pairs.len() {
+            if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
+                pairs.push(ActivePair { rx, tx });
+            }
+        }
         self.active = Some(Active {
             mem,
             interrupt,
-            rx,
-            tx,
+            pairs,
+            ctrl: queues.next(),
             mrg_rxbuf: self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_frame_max: rx_frame_max(self.acked_features, self.mtu),
         });
-        self.rx_pending = true;
-        self.tx_blocked = false;
+        for pair in &mut self.pairs {
+            pair.rx_pending = true;
+            pair.tx_blocked = false;
+        }
         self.signal_state();
         Ok(())
     }
@@ -230,9 +312,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         log::info!("{}: reset by the driver", self.name);
         self.active = None;
         self.acked_features = 0;
-        self.tx_blocked = false;
-        if let Err(e) = self.backend.set_offloads(0) {
-            log::warn!("{}: clearing offloads on reset: {e}", self.name);
+        for pair in &mut self.pairs {
+            pair.tx_blocked = false;
+            if let Err(e) = pair.backend.set_offloads(0) {
+                log::warn!("{}: clearing offloads on reset: {e}", self.name);
+            }
         }
         self.signal_state();
     }

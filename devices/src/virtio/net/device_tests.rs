@@ -9,12 +9,13 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 
 use super::test_utils::{Harness, F_NEXT, F_WRITE, MEM_SIZE};
-use super::{RX_QUEUE, TX_QUEUE};
 use crate::virtio::VirtioDevice;
 
 const fn bit(b: u32) -> u64 {
     1 << b
 }
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
 const V1: u64 = bit(VIRTIO_F_VERSION_1);
 const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
 
@@ -31,7 +32,7 @@ fn activation_applies_the_acked_guest_offloads_to_the_backend() {
         0,
         "not offered, so not acked"
     );
-    assert_eq!(h.net.backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
+    assert_eq!(h.net.pairs[0].backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
     let mut config = [0u8; 12];
     h.net.read_config(0, &mut config);
     assert_eq!(&config[..6], &super::test_utils::MAC);
@@ -56,7 +57,7 @@ fn tx_frames_of_one_or_many_buffers_reach_the_backend_whole() {
     let b2 = h.buffer(1000, &body[..1000]);
     let b3 = h.buffer(2000, &body[1000..]);
     h.add_chain(TX_QUEUE, &[(b1, 12, 0), (b2, 1000, 0), (b3, 2000, 0)]);
-    h.net.process_tx();
+    h.net.process_tx(0);
 
     let mut got = vec![0u8; 70000];
     let n = h.peer.recv(&mut got).unwrap();
@@ -82,8 +83,8 @@ fn rx_fills_one_buffer_and_sets_num_buffers_to_one() {
     h.add_chain(RX_QUEUE, &[(buf, 1526, F_WRITE)]);
     let frame = Harness::frame(0, 0, 60);
     h.peer.send(&frame).unwrap();
-    h.net.rx_pending = true;
-    h.net.process_rx();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
     assert_eq!(h.used(RX_QUEUE), vec![(0, 72)]);
     let got = h.read(buf, 72);
     assert_eq!(&got[12..], &frame[12..]);
@@ -102,8 +103,8 @@ fn rx_merges_buffers_for_a_large_frame_and_gives_back_the_rest() {
     h.peer.send(&frame).unwrap();
     let small = Harness::frame(0, 0, 10); // the next frame takes the third buffer
     h.peer.send(&small).unwrap();
-    h.net.rx_pending = true;
-    h.net.process_rx();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
     assert_eq!(h.used(RX_QUEUE), vec![(0, 100), (1, 62), (2, 22)]);
     let mut first = h.read(bufs[0], 100);
     first.extend(h.read(bufs[1], 62));
@@ -118,22 +119,22 @@ fn rx_merges_buffers_for_a_large_frame_and_gives_back_the_rest() {
 fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
     let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
     h.peer.send(&Harness::frame(0, 0, 40)).unwrap();
-    h.net.rx_pending = true;
-    h.net.process_rx();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
     assert!(h.used(RX_QUEUE).is_empty());
     assert_eq!(h.net.counters().snapshot().rx_no_buffers, 1);
     assert!(
-        h.net.rx_pending,
+        h.net.pairs[0].rx_pending,
         "the frame is still waiting in the backend"
     );
     for _ in 0..2 {
         let b = h.buffer(2048, &[]);
         h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
     }
-    h.net.process_rx(); // what a guest notification on the RX queue does
+    h.net.process_rx(0); // what a guest notification on the RX queue does
     assert_eq!(h.used(RX_QUEUE), vec![(0, 52)]);
     assert!(
-        !h.net.rx_pending,
+        !h.net.pairs[0].rx_pending,
         "read to EAGAIN, the second buffer stays with the device"
     );
 }
@@ -158,7 +159,7 @@ fn malformed_tx_chains_are_returned_empty_and_nothing_is_sent() {
             ok, 64, F_NEXT, 999,
         ))],
     );
-    h.net.process_tx();
+    h.net.process_tx(0);
     let used = h.used(TX_QUEUE);
     assert_eq!(used.len(), 7, "{used:?}");
     assert!(used.iter().all(|(_, len)| *len == 0));
@@ -171,7 +172,7 @@ fn malformed_tx_chains_are_returned_empty_and_nothing_is_sent() {
     );
     // The queue still works afterwards.
     h.add_chain(TX_QUEUE, &[(ok, 64, 0)]);
-    h.net.process_tx();
+    h.net.process_tx(0);
     assert_eq!(h.peer.recv(&mut buf).unwrap(), 64);
 }
 
@@ -184,8 +185,8 @@ fn malformed_rx_chains_are_returned_empty_and_the_frame_waits_for_a_good_one() {
     h.add_chain(RX_QUEUE, &[(b, 4, F_WRITE)]); // no room for the header
     h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
     h.peer.send(&Harness::frame(0, 0, 100)).unwrap();
-    h.net.rx_pending = true;
-    h.net.process_rx();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
     assert_eq!(h.used(RX_QUEUE), vec![(0, 0), (1, 0), (2, 0), (3, 112)]);
     assert_eq!(h.net.counters().snapshot().malformed_chains, 3);
 }
@@ -198,8 +199,8 @@ fn a_full_backend_puts_the_chain_back_and_tx_resumes_when_writable() {
     for _ in 0..200 {
         h.add_chain(TX_QUEUE, &[(b, frame.len() as u32, 0)]);
     }
-    h.net.process_tx();
-    assert!(h.net.tx_blocked, "the socketpair filled up");
+    h.net.process_tx(0);
+    assert!(h.net.pairs[0].tx_blocked, "the socketpair filled up");
     let sent_first = h.used(TX_QUEUE).len();
     assert!(sent_first < 200);
     assert_eq!(h.net.counters().snapshot().tx_eagain, 1);
@@ -209,14 +210,14 @@ fn a_full_backend_puts_the_chain_back_and_tx_resumes_when_writable() {
         got += 1;
     }
     assert_eq!(got, sent_first, "every used chain was sent, none dropped");
-    h.net.tx_blocked = false; // what EPOLLOUT does
-    h.net.process_tx();
+    h.net.pairs[0].tx_blocked = false; // what EPOLLOUT does
+    h.net.process_tx(0);
     while h.peer.recv(&mut buf).is_ok() {
         got += 1;
     }
-    if h.net.tx_blocked {
-        h.net.tx_blocked = false;
-        h.net.process_tx();
+    if h.net.pairs[0].tx_blocked {
+        h.net.pairs[0].tx_blocked = false;
+        h.net.process_tx(0);
         while h.peer.recv(&mut buf).is_ok() {
             got += 1;
         }
@@ -229,14 +230,88 @@ fn a_full_backend_puts_the_chain_back_and_tx_resumes_when_writable() {
 #[test]
 fn reset_stops_the_device_and_it_can_start_again() {
     let mut h = Harness::started(TUN_F_ALL, V1 | bit(VIRTIO_NET_F_GUEST_CSUM));
-    assert_eq!(h.net.backend.offloads, TUN_F_CSUM);
+    assert_eq!(h.net.pairs[0].backend.offloads, TUN_F_CSUM);
     h.net.reset();
     assert!(!h.net.is_active());
-    assert_eq!(h.net.backend.offloads, 0);
+    assert_eq!(h.net.pairs[0].backend.offloads, 0);
     assert_eq!(h.net.acked_features(), 0);
-    h.net.process_tx(); // nothing to do, nothing breaks
-    h.net.process_rx();
+    h.net.process_tx(0); // nothing to do, nothing breaks
+    h.net.process_rx(0);
     h.start(V1 | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4));
     assert!(h.net.is_active());
-    assert_eq!(h.net.backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
+    assert_eq!(h.net.pairs[0].backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
+}
+
+/// Queues of a two-pair device: rx0 tx0 rx1 tx1 ctrl.
+const RX1: usize = 2;
+const TX1: usize = 3;
+const CTRL: usize = 4;
+const MQ: u64 = bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+
+/// Queues a control command; returns the address of its one-byte status.
+fn control(h: &mut Harness, command: &[u8]) -> u64 {
+    let cmd = h.buffer(command.len() as u32, command);
+    let ack = h.buffer(1, &[0xff]);
+    h.add_chain(CTRL, &[(cmd, command.len() as u32, 0), (ack, 1, F_WRITE)]);
+    h.net.process_ctrl();
+    ack
+}
+
+#[test]
+fn several_pairs_start_with_one_and_the_driver_enables_the_rest() {
+    let mut h = Harness::with_pairs(TUN_F_ALL, 2);
+    assert_ne!(
+        h.net.features() & MQ,
+        0,
+        "MQ and the control queue are offered"
+    );
+    let mut pairs = [0u8; 2];
+    h.net.read_config(8, &mut pairs);
+    assert_eq!(u16::from_le_bytes(pairs), 2, "max_virtqueue_pairs");
+    h.start(V1 | MQ);
+    assert_eq!(h.net.pairs_in_use(), 1);
+    assert!(h.net.pairs[0].backend.enabled && !h.net.pairs[1].backend.enabled);
+
+    let ack = control(&mut h, &[4, 0, 2, 0]); // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2
+    assert_eq!(h.read(ack, 1), [0], "VIRTIO_NET_OK");
+    assert_eq!(h.used(CTRL), vec![(0, 1)]);
+    assert_eq!(h.net.pairs_in_use(), 2);
+    assert!(h.net.pairs[1].backend.enabled);
+
+    // Pair 1 moves frames through its own backend.
+    let frame = Harness::frame(0, 0, 80);
+    let b = h.buffer(frame.len() as u32, &frame);
+    h.add_chain(TX1, &[(b, frame.len() as u32, 0)]);
+    h.net.process_tx(1);
+    let mut got = [0u8; 256];
+    assert_eq!(h.peers[0].recv(&mut got).unwrap(), frame.len());
+    let rx = h.buffer(2048, &[]);
+    h.add_chain(RX1, &[(rx, 2048, F_WRITE)]);
+    h.peers[0].send(&frame).unwrap();
+    h.net.pairs[1].rx_pending = true;
+    h.net.process_rx(1);
+    assert_eq!(h.used(RX1), vec![(0, frame.len() as u32)]);
+}
+
+#[test]
+fn control_commands_out_of_range_or_unknown_are_refused() {
+    let mut h = Harness::with_pairs(TUN_F_ALL, 2);
+    h.start(V1 | MQ);
+    for command in [&[4u8, 0, 3, 0][..], &[4, 0, 0, 0], &[0, 0, 1], &[4, 0, 2]] {
+        let ack = control(&mut h, command);
+        assert_eq!(h.read(ack, 1), [1], "VIRTIO_NET_ERR for {command:?}");
+    }
+    assert_eq!(h.net.pairs_in_use(), 1);
+    // A command without a status byte, and one without a header, are malformed.
+    let cmd = h.buffer(4, &[4, 0, 2, 0]);
+    h.add_chain(CTRL, &[(cmd, 4, 0)]);
+    h.add_chain(CTRL, &[(cmd, 1, 0), (cmd, 1, F_WRITE)]);
+    h.net.process_ctrl();
+    assert_eq!(h.net.counters().snapshot().malformed_chains, 2);
+    assert_eq!(h.used(CTRL).len(), 6);
+
+    let mut h = Harness::with_pairs(TUN_F_ALL, 2);
+    h.start(V1); // MQ not acked: pairs stay at one
+    let ack = control(&mut h, &[4, 0, 2, 0]);
+    assert_eq!(h.read(ack, 1), [1]);
 }

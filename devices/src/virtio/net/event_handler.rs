@@ -1,8 +1,7 @@
 //! The device in the VMM's event loop: the state eventfd (activation, reset) is always watched;
-//! the queue notifications and the backend's fd (edge-triggered, read to EAGAIN) only while the
-//! driver runs the device.
-
-use std::os::fd::AsRawFd;
+//! the queue notifications and each backend's fd (edge-triggered, read to EAGAIN) only while the
+//! driver runs the device. Each registration carries a token: the queue index for a queue, or
+//! BACKEND + pair for a backend.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -10,18 +9,26 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::counters::NetCounters;
 use super::device::Net;
-use super::{RX_QUEUE, TX_QUEUE};
+
+const STATE: u32 = u32::MAX;
+const BACKEND: u32 = 1 << 16;
 
 impl<B: NetBackend> Net<B> {
-    fn runtime_events(&self) -> [Events; 3] {
-        [
-            Events::new(&self.queue_evts[RX_QUEUE], EventSet::IN),
-            Events::new(&self.queue_evts[TX_QUEUE], EventSet::IN),
-            Events::new(
-                &self.backend,
+    fn runtime_events(&self) -> Vec<Events> {
+        let mut events: Vec<Events> = self
+            .queue_evts
+            .iter()
+            .enumerate()
+            .map(|(i, evt)| Events::with_data(evt, i as u32, EventSet::IN))
+            .collect();
+        events.extend(self.pairs.iter().enumerate().map(|(p, pair)| {
+            Events::with_data(
+                &pair.backend,
+                BACKEND + p as u32,
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-            ),
-        ]
+            )
+        }));
+        events
     }
 
     /// Registers the runtime fds when the device became active, removes them when it was reset.
@@ -49,35 +56,47 @@ impl<B: NetBackend> Net<B> {
 
 impl<B: NetBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.state_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(&self.state_evt, STATE, EventSet::IN)) {
             log::error!("{}: registering the state eventfd: {e:?}", self.name);
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.state_evt.as_raw_fd() {
+        let token = events.data();
+        if token == STATE {
             let _ = self.state_evt.read();
             self.reconcile(ops);
-            self.process_rx();
-            self.process_tx();
-        } else if fd == self.queue_evts[RX_QUEUE].as_raw_fd() {
-            let _ = self.queue_evts[RX_QUEUE].read();
-            NetCounters::add(&self.counters.rx_notifications, 1);
-            self.process_rx();
-        } else if fd == self.queue_evts[TX_QUEUE].as_raw_fd() {
-            let _ = self.queue_evts[TX_QUEUE].read();
-            NetCounters::add(&self.counters.tx_notifications, 1);
-            self.process_tx();
-        } else if fd == self.backend.as_raw_fd() {
+            for p in 0..self.pairs.len() {
+                self.process_rx(p);
+                self.process_tx(p);
+            }
+            self.process_ctrl();
+        } else if token >= BACKEND {
+            let p = (token - BACKEND) as usize;
             let set = events.event_set();
             if set.contains(EventSet::IN) {
-                self.rx_pending = true;
-                self.process_rx();
+                if let Some(pair) = self.pairs.get_mut(p) {
+                    pair.rx_pending = true;
+                }
+                self.process_rx(p);
             }
-            if set.contains(EventSet::OUT) && self.tx_blocked {
-                self.tx_blocked = false;
-                self.process_tx();
+            if set.contains(EventSet::OUT) {
+                if let Some(pair) = self.pairs.get_mut(p).filter(|pair| pair.tx_blocked) {
+                    pair.tx_blocked = false;
+                    self.process_tx(p);
+                }
+            }
+        } else if let Some(evt) = self.queue_evts.get(token as usize) {
+            let _ = evt.read();
+            let index = token as usize;
+            if Some(index) == self.ctrl_index() {
+                self.process_ctrl();
+            } else if index % 2 == 0 {
+                NetCounters::add(&self.counters.rx_notifications, 1);
+                self.process_rx(index / 2);
+            } else {
+                NetCounters::add(&self.counters.tx_notifications, 1);
+                self.process_tx(index / 2);
             }
         }
     }

@@ -9,6 +9,7 @@
 //! The device never opens host files: it is handed a ready backend.
 
 mod counters;
+mod ctrl;
 mod device;
 mod event_handler;
 mod iovec;
@@ -25,11 +26,9 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 pub use counters::{NetCounters, NetStats};
-pub use device::Net;
+pub use device::{rx_index, tx_index, Net};
 
-/// Queue indexes and sizes.
-pub const RX_QUEUE: usize = 0;
-pub const TX_QUEUE: usize = 1;
+/// Size of every queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// The virtio-net header Tapir and the macvtap use (virtio 1.x: with num_buffers).
 pub const HDR_LEN: usize = tapir_net_backend::VNET_HDR_LEN;
@@ -54,12 +53,15 @@ pub const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_HOST_UFO);
 
-/// The features to offer for a backend that accepts `tun_offloads` (TUN_F_*) toward the guest and
-/// has an MTU to announce.
-pub fn offered_features(tun_offloads: u32, has_mtu: bool) -> u64 {
+/// The features to offer for backends that accept `tun_offloads` (TUN_F_*) toward the guest, with an
+/// MTU to announce or not, and `pairs` queue pairs (more than one needs the control queue).
+pub fn offered_features(tun_offloads: u32, has_mtu: bool, pairs: usize) -> u64 {
     let mut features = BASE_FEATURES | tapir_net_backend::offload::guest_features_for(tun_offloads);
     if has_mtu {
         features |= bit(VIRTIO_NET_F_MTU);
+    }
+    if pairs > 1 {
+        features |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
     }
     features
 }
@@ -76,11 +78,11 @@ pub fn rx_frame_max(acked: u64, mtu: u16) -> usize {
 }
 
 /// The configuration space: mac, status, max_virtqueue_pairs, mtu.
-pub fn config_space(mac: [u8; 6], mtu: u16) -> [u8; 12] {
+pub fn config_space(mac: [u8; 6], mtu: u16, pairs: u16) -> [u8; 12] {
     let mut c = [0u8; 12];
     c[..6].copy_from_slice(&mac);
     c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-    c[8..10].copy_from_slice(&1u16.to_le_bytes());
+    c[8..10].copy_from_slice(&pairs.to_le_bytes());
     c[10..12].copy_from_slice(&mtu.to_le_bytes());
     c
 }
@@ -107,7 +109,7 @@ mod tests {
 
     #[test]
     fn offers_only_the_guest_offloads_the_host_takes() {
-        let all = offered_features(TUN_F_ALL, true);
+        let all = offered_features(TUN_F_ALL, true, 1);
         for b in [
             VIRTIO_NET_F_GUEST_CSUM,
             VIRTIO_NET_F_GUEST_TSO4,
@@ -116,12 +118,18 @@ mod tests {
         ] {
             assert_ne!(all & bit(b), 0, "bit {b}");
         }
-        let no_ufo = offered_features(TUN_F_ALL & !TUN_F_UFO, false);
+        let no_ufo = offered_features(TUN_F_ALL & !TUN_F_UFO, false, 1);
         assert_eq!(no_ufo & bit(VIRTIO_NET_F_GUEST_UFO), 0);
         assert_eq!(no_ufo & bit(VIRTIO_NET_F_MTU), 0);
-        let csum_only = offered_features(TUN_F_CSUM, false);
+        let csum_only = offered_features(TUN_F_CSUM, false, 1);
         assert_eq!(csum_only & bit(VIRTIO_NET_F_GUEST_TSO4), 0);
-        assert_eq!(offered_features(0, false), BASE_FEATURES);
+        assert_eq!(offered_features(0, false, 1), BASE_FEATURES);
+        let mq = bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+        assert_eq!(
+            offered_features(0, false, 2),
+            BASE_FEATURES | mq,
+            "several pairs need MQ and the control queue"
+        );
         assert_ne!(BASE_FEATURES & bit(VIRTIO_F_VERSION_1), 0);
     }
 
@@ -137,10 +145,12 @@ mod tests {
 
     #[test]
     fn config_space_layout() {
-        let c = config_space([2, 0, 0, 0, 0, 1], 1500);
+        let c = config_space([2, 0, 0, 0, 0, 1], 1500, 1);
         assert_eq!(&c[..6], &[2, 0, 0, 0, 0, 1]);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "link up");
         assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1, "one queue pair");
         assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500);
+        let c = config_space([2, 0, 0, 0, 0, 1], 1500, 4);
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 4, "four queue pairs");
     }
 }

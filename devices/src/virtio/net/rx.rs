@@ -10,24 +10,26 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, Net};
+use super::device::{report_malformed, rx_index, Net};
 use super::iovec::{descriptors, push_writable, recycle, write_at};
-use super::{Malformed, HDR_LEN, RX_QUEUE};
+use super::{Malformed, HDR_LEN};
 
 /// Offset of num_buffers in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
 impl<B: NetBackend> Net<B> {
-    /// Moves frames from the backend to the guest while both have some.
-    pub(super) fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+    /// Moves frames from pair `pair`'s backend to its RX queue while both have some.
+    pub(super) fn process_rx(&mut self, pair: usize) {
+        let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
             return;
         };
         let mem = &active.mem;
-        let rx = &mut active.rx;
+        let Some(rx) = active.pairs.get_mut(pair).map(|p| &mut p.rx) else {
+            return;
+        };
         let counters = &self.counters;
         let mut used_any = false;
-        while self.rx_pending {
+        while slot.rx_pending {
             let mut iov = recycle(std::mem::take(&mut self.rx_iov));
             self.rx_chains.clear();
             self.rx_hdr_bufs.clear();
@@ -86,7 +88,7 @@ impl<B: NetBackend> Net<B> {
                 NetCounters::add(&counters.rx_no_buffers, 1);
                 break;
             }
-            let result = self.backend.read_frame(&mut iov);
+            let result = slot.backend.read_frame(&mut iov);
             self.rx_iov = recycle(iov);
             match result {
                 Ok(Some(n)) => {
@@ -126,7 +128,7 @@ impl<B: NetBackend> Net<B> {
                     for _ in 0..self.rx_chains.len() {
                         rx.go_to_previous_position();
                     }
-                    self.rx_pending = false;
+                    slot.rx_pending = false;
                 }
                 Err(e) => {
                     for _ in 0..self.rx_chains.len() {
@@ -135,12 +137,12 @@ impl<B: NetBackend> Net<B> {
                     if counters.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         log::warn!("{}: reading a frame from the backend: {e}", self.name);
                     }
-                    self.rx_pending = false;
+                    slot.rx_pending = false;
                 }
             }
         }
         if used_any {
-            self.notify_guest(RX_QUEUE);
+            self.notify_guest(rx_index(pair));
         }
     }
 }

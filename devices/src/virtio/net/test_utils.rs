@@ -24,12 +24,14 @@ pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 pub struct Harness {
     pub mem: &'static GuestMemoryMmap,
-    pub rxq: MockSplitQueue<'static, GuestMemoryMmap>,
-    pub txq: MockSplitQueue<'static, GuestMemoryMmap>,
+    /// One mock queue per device queue, in queue order.
+    pub queues: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
     pub net: Net<SocketpairBackend>,
+    /// The other end of pair 0's backend, and of the others'.
     pub peer: UnixDatagram,
+    pub peers: Vec<UnixDatagram>,
     pub irq: EventFd,
-    next_desc: [u16; 2],
+    next_desc: Vec<u16>,
     next_buf: u64,
 }
 
@@ -42,32 +44,42 @@ impl Harness {
     }
 
     pub fn new(host_offloads: u32) -> Self {
+        Self::with_pairs(host_offloads, 1)
+    }
+
+    /// A device with `pairs` queue pairs (and the control queue when more than one).
+    pub fn with_pairs(host_offloads: u32, pairs: usize) -> Self {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
-        let rxq = MockSplitQueue::create(mem, GuestAddress(0), 256);
-        let txq = MockSplitQueue::create(mem, GuestAddress(0x8000), 256);
-        let (backend, peer) = SocketpairBackend::pair(host_offloads).unwrap();
-        let net = Net::new("test-net", backend, MAC, Some(1500), host_offloads).unwrap();
+        let (backends, mut peers): (Vec<_>, Vec<_>) = (0..pairs)
+            .map(|_| SocketpairBackend::pair(host_offloads).unwrap())
+            .unzip();
+        let net = Net::new("test-net", backends, MAC, Some(1500), host_offloads).unwrap();
+        let count = net.queue_max_sizes().len();
+        let queues = (0..count)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(i as u64 * 0x8000), 256))
+            .collect();
+        let peer = peers.remove(0);
         Self {
             mem,
-            rxq,
-            txq,
+            queues,
             net,
+            peers,
             peer,
             irq: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            next_desc: [0, 0],
+            next_desc: vec![0; count],
             next_buf: BUF_BASE,
         }
     }
 
     pub fn start(&mut self, acked: u64) {
         self.net.ack_features(acked);
-        let queues: Vec<Queue> = vec![
-            self.rxq.create_queue().unwrap(),
-            self.txq.create_queue().unwrap(),
-        ];
-        let mut queues = queues;
+        let mut queues: Vec<Queue> = self
+            .queues
+            .iter()
+            .map(|q| q.create_queue().unwrap())
+            .collect();
         for q in &mut queues {
             virtio_queue::QueueT::set_event_idx(q, false);
         }
@@ -85,7 +97,7 @@ impl Harness {
         addr
     }
 
-    /// Adds a chain of (addr, len, flags) descriptors to queue `q` (0 RX, 1 TX); NEXT is added.
+    /// Adds a chain of (addr, len, flags) descriptors to queue `q` (2p RX, 2p+1 TX); NEXT is added.
     pub fn add_chain(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
         let start = self.next_desc[q];
         let raw: Vec<RawDescriptor> = descs
@@ -108,14 +120,15 @@ impl Harness {
 
     /// Adds raw descriptors as they are (for broken chains).
     pub fn add_raw(&mut self, q: usize, raw: &[RawDescriptor]) {
-        let mock = if q == 0 { &self.rxq } else { &self.txq };
-        mock.add_desc_chains(raw, self.next_desc[q]).unwrap();
+        self.queues[q]
+            .add_desc_chains(raw, self.next_desc[q])
+            .unwrap();
         self.next_desc[q] += raw.len() as u16;
     }
 
     /// The used ring of queue `q`: (head, len) per entry.
     pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
-        let mock = if q == 0 { &self.rxq } else { &self.txq };
+        let mock = &self.queues[q];
         let n = mock.used().idx().load();
         (0..n)
             .map(|i| {

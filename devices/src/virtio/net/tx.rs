@@ -9,21 +9,23 @@ use tapir_net_backend::NetBackend;
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, Net};
+use super::device::{report_malformed, tx_index, Net};
 use super::iovec::{descriptors, push_readable, recycle};
-use super::{Malformed, HDR_LEN, MAX_GSO_FRAME, TX_QUEUE};
+use super::{Malformed, HDR_LEN, MAX_GSO_FRAME};
 
 impl<B: NetBackend> Net<B> {
-    /// Sends what the guest queued until the queue is empty or the backend is full.
-    pub(super) fn process_tx(&mut self) {
-        if self.tx_blocked {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
+    /// Sends what the guest queued on pair `pair` until the queue is empty or the backend is full.
+    pub(super) fn process_tx(&mut self, pair: usize) {
+        let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
             return;
         };
+        if slot.tx_blocked {
+            return;
+        }
         let mem = &active.mem;
-        let tx = &mut active.tx;
+        let Some(tx) = active.pairs.get_mut(pair).map(|p| &mut p.tx) else {
+            return;
+        };
         let counters = &self.counters;
         let mut used_any = false;
         'queue: loop {
@@ -46,7 +48,7 @@ impl<B: NetBackend> Net<B> {
                     parsed = Err(Malformed::TooShort);
                 }
                 let result = match parsed {
-                    Ok(()) => Some(self.backend.write_frame(&iov)),
+                    Ok(()) => Some(slot.backend.write_frame(&iov)),
                     Err(why) => {
                         report_malformed(&self.name, counters, why);
                         None
@@ -56,7 +58,7 @@ impl<B: NetBackend> Net<B> {
                 match result {
                     Some(Ok(None)) => {
                         tx.go_to_previous_position();
-                        self.tx_blocked = true;
+                        slot.tx_blocked = true;
                         NetCounters::add(&counters.tx_eagain, 1);
                         break 'queue;
                     }
@@ -91,7 +93,7 @@ impl<B: NetBackend> Net<B> {
             }
         }
         if used_any {
-            self.notify_guest(TX_QUEUE);
+            self.notify_guest(tx_index(pair));
         }
     }
 }

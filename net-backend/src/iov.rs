@@ -43,3 +43,25 @@ pub(crate) fn writev(fd: impl AsFd, bufs: &[IoSlice<'_>]) -> io::Result<Option<u
         }
     }
 }
+
+/// Whether `fd` takes a write now. Polling a tap queue also arms its write-space wakeup: the kernel
+/// only signals EPOLLOUT for a full tap queue after a poll found it full (tap_poll sets
+/// SOCKWQ_ASYNC_NOSPACE), and an edge-triggered epoll never polls on its own.
+pub(crate) fn poll_writable(fd: impl AsFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, zero timeout.
+        let ret = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if ret >= 0 {
+            return Ok(pfd.revents & libc::POLLOUT != 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}

@@ -314,10 +314,21 @@ impl NetBackend for TapQueue {
     }
 
     fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> Result<Option<usize>, TapError> {
-        crate::iov::writev(&self.file, bufs).map_err(|source| TapError::Write {
+        let fail = |source| TapError::Write {
             iface: self.iface.clone(),
             source,
-        })
+        };
+        // On EAGAIN, arm the EPOLLOUT wakeup the caller will wait for (see iov::poll_writable). A poll
+        // that finds room arms nothing and the wakeup may already be gone: write again then. Room
+        // (less than half the send buffer in use) lets the next write through, so this ends at once;
+        // the bound only guards against a kernel that says otherwise.
+        for _ in 0..8 {
+            let written = crate::iov::writev(&self.file, bufs).map_err(fail)?;
+            if written.is_some() || !crate::iov::poll_writable(&self.file).map_err(fail)? {
+                return Ok(written);
+            }
+        }
+        Ok(None)
     }
 
     fn set_offloads(&mut self, tun_flags: u32) -> Result<u32, TapError> {

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -481,5 +482,60 @@ fn host_ready_fd_of_a_macvtap_is_accepted() {
                 .is_none()
         });
         assert!(idle, "an idle macvtap must say EAGAIN");
+    });
+}
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap, tc): run by scripts/test"]
+fn host_a_full_queue_wakes_an_edge_triggered_epoll_once_it_drains() {
+    let ns = TestNs::new("full");
+    ns.add_macvtap("mvt0");
+    // A slow lower device holds frames in its qdisc, still charged to the macvtap queue's socket.
+    sh(
+        "ip",
+        &[
+            "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", "lower0", "root", "tbf",
+            "rate", "8mbit", "burst", "3000", "limit", "1000000",
+        ],
+    );
+    let o = opts(&ns);
+    ns.run(move || {
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        let mut nic = Nic::open(&spec("macvtap=mvt0"), &o).expect("opening mvt0");
+        let queue = &mut nic.queues_mut()[0];
+        let epoll = Epoll::new().unwrap();
+        let set = EventSet::OUT | EventSet::EDGE_TRIGGERED;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                queue.as_raw_fd(),
+                EpollEvent::new(set, 1),
+            )
+            .unwrap();
+        let mut ready = [EpollEvent::default(); 1];
+        assert_eq!(epoll.wait(0, &mut ready).unwrap(), 1, "writable at first");
+
+        let frame = [eth([0xff; 6], GUEST_MAC, 0x88b5), vec![0x5a; 1400]].concat();
+        let hdr = VnetHdr::default().to_bytes();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0;
+        while queue
+            .write_frame(&[IoSlice::new(&hdr), IoSlice::new(&frame)])
+            .expect("writev")
+            .is_some()
+        {
+            sent += 1;
+            assert!(
+                Instant::now() < deadline,
+                "the queue never filled ({sent} frames)"
+            );
+        }
+        // The kernel wakes us only if the wakeup was armed when the queue filled.
+        let n = epoll.wait(5000, &mut ready).unwrap();
+        assert_eq!(
+            n, 1,
+            "no EPOLLOUT within 5 s after {sent} frames filled the queue"
+        );
+        assert!(ready[0].event_set().contains(EventSet::OUT));
     });
 }

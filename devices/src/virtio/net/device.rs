@@ -16,6 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::NetCounters;
+use super::rx::RxStash;
 use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
@@ -40,6 +41,8 @@ pub(super) struct Pair<B> {
 pub(super) struct ActivePair {
     pub rx: Queue,
     pub tx: Queue,
+    /// RX chains taken from `rx` that no frame has used yet.
+    pub rx_stash: RxStash,
 }
 
 /// What the device works with once the driver started it.
@@ -73,7 +76,6 @@ pub struct Net<B: NetBackend> {
     // Scratch space reused for every frame.
     pub(super) rx_iov: Vec<IoSliceMut<'static>>,
     pub(super) tx_iov: Vec<IoSlice<'static>>,
-    pub(super) rx_chains: Vec<(u16, u32)>,
     pub(super) rx_hdr_bufs: Vec<(GuestAddress, u32)>,
 }
 
@@ -121,7 +123,6 @@ impl<B: NetBackend> Net<B> {
             registered: false,
             rx_iov: Vec::with_capacity(64),
             tx_iov: Vec::with_capacity(64),
-            rx_chains: Vec::with_capacity(64),
             rx_hdr_bufs: Vec::with_capacity(4),
         })
     }
@@ -289,7 +290,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         let mut pairs = Vec::with_capacity(self.pairs.len());
         for _ in 0..self.pairs.len() {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
-                pairs.push(ActivePair { rx, tx });
+                pairs.push(ActivePair {
+                    rx,
+                    tx,
+                    rx_stash: RxStash::default(),
+                });
             }
         }
         self.active = Some(Active {

@@ -36,30 +36,44 @@ pub fn descriptors(
     Ok(())
 }
 
-fn host_ptr(mem: &GuestMemoryMmap, desc: &Descriptor) -> Result<(*mut u8, usize), Malformed> {
-    let len = desc.len() as usize;
-    let slice = GuestMemoryBackend::get_slice(mem, desc.addr(), len)
-        .map_err(|_| Malformed::OutsideMemory)?;
+fn host_ptr(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+) -> Result<(*mut u8, usize), Malformed> {
+    let len = len as usize;
+    let slice =
+        GuestMemoryBackend::get_slice(mem, addr, len).map_err(|_| Malformed::OutsideMemory)?;
     Ok((slice.ptr_guard_mut().as_ptr(), len))
 }
 
-/// Appends a device-writable buffer to `out`.
-pub fn push_writable<'m>(
-    mem: &'m GuestMemoryMmap,
+/// Checks that a descriptor is a device-writable buffer inside guest memory; returns it as
+/// (address, length).
+pub fn writable(
+    mem: &GuestMemoryMmap,
     desc: &Descriptor,
-    out: &mut Vec<IoSliceMut<'m>>,
-) -> Result<u32, Malformed> {
+) -> Result<(GuestAddress, u32), Malformed> {
     if !desc.is_write_only() {
         return Err(Malformed::WrongDirection);
     }
-    let (ptr, len) = host_ptr(mem, desc)?;
+    host_ptr(mem, desc.addr(), desc.len())?;
+    Ok((desc.addr(), desc.len()))
+}
+
+/// Appends the guest buffer (`addr`, `len`) to `out` as a device-writable iovec.
+pub fn push_writable<'m>(
+    mem: &'m GuestMemoryMmap,
+    (addr, len): (GuestAddress, u32),
+    out: &mut Vec<IoSliceMut<'m>>,
+) -> Result<(), Malformed> {
+    let (ptr, len) = host_ptr(mem, addr, len)?;
     // SAFETY: `get_slice` checked that [ptr, ptr + len) lies inside one mapped region of `mem`,
     // which outlives 'm. The slice is only handed to readv; Rust code never reads it, so the guest
     // changing it concurrently (or aliasing buffers) cannot break any invariant of ours.
     out.push(IoSliceMut::new(unsafe {
         std::slice::from_raw_parts_mut(ptr, len)
     }));
-    Ok(desc.len())
+    Ok(())
 }
 
 /// Appends a device-readable buffer to `out`, and copies what falls in the first `hdr.len()` bytes
@@ -74,7 +88,7 @@ pub fn push_readable<'m>(
     if desc.is_write_only() {
         return Err(Malformed::WrongDirection);
     }
-    let (ptr, len) = host_ptr(mem, desc)?;
+    let (ptr, len) = host_ptr(mem, desc.addr(), desc.len())?;
     if offset < hdr.len() {
         let n = (hdr.len() - offset).min(len);
         mem.read_slice(&mut hdr[offset..offset + n], desc.addr())

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use tapir_tests::{repo_root, scratch_dir, Run};
 
-const FIGURES: [&str; 20] = [
+const FIGURES: [&str; 24] = [
     "boot_s",
     "rss_boot_kib",
     "rss_after_kib",
@@ -29,6 +29,10 @@ const FIGURES: [&str; 20] = [
     "notifies_per_pkt_tcp_in",
     "notifies_per_pkt_udp_out",
     "notifies_per_pkt_udp_in",
+    "vmm_cpu_ms_per_kframe_tcp_out",
+    "vmm_cpu_ms_per_kframe_tcp_in",
+    "vmm_cpu_ms_per_kframe_udp_out",
+    "vmm_cpu_ms_per_kframe_udp_in",
 ];
 
 /// Three rounds: Tapir 1, 2, 3 (median 2) and QEMU 4, 5, 4 (median 4) for every figure, less `skip`.

@@ -40,3 +40,7 @@ with_lock() {
     mkdir -p "$(dirname "$file")"
     ( flock 9 || exit 1; "$@" ) 9>"$file"
 }
+
+# cpu_model: this machine's CPU model name; memory_gib: its memory, as "N.N GiB".
+cpu_model() { awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo; }
+memory_gib() { awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo; }

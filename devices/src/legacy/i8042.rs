@@ -32,7 +32,7 @@ impl<T: Trigger + Send> BusDevice for ResetPort<T> {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [value, ..]) = (u8::try_from(offset), data) {
             if let Err(e) = self.i8042.write(offset, *value) {
-                log::error!("i8042: signalling the guest's reset request: {e:?}");
+                crate::error_limited!("i8042: signalling the guest's reset request: {e:?}");
             }
         }
     }

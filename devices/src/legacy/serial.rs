@@ -42,7 +42,7 @@ impl SerialEvents for Events {
 
     fn in_buffer_empty(&self) {
         if let Err(e) = self.input_room.write(1) {
-            log::warn!("serial: signalling room for console input: {e}");
+            crate::warn_limited!("serial: signalling room for console input: {e}");
         }
     }
 }
@@ -78,7 +78,7 @@ impl SerialPort {
             Err(e) => {
                 // The bytes are in the FIFO; only the interrupt failed, and the guest's next poll of
                 // LSR still finds them.
-                log::warn!("serial: raising the receive interrupt: {e:?}");
+                crate::warn_limited!("serial: raising the receive interrupt: {e:?}");
                 bytes.len().min(self.serial.fifo_capacity())
             }
         }
@@ -103,10 +103,8 @@ impl BusDevice for SerialPort {
             return;
         };
         if let Err(e) = self.serial.write(offset, *value) {
-            // Counted by tx_lost_byte; log only the first loss so a closed sink cannot flood the log.
-            if self.lost_output() <= 1 {
-                log::warn!("serial: writing guest output: {e:?}");
-            }
+            // Counted by tx_lost_byte; rate-limited so a closed sink cannot flood the log.
+            crate::warn_limited!("serial: writing guest output: {e:?}");
         }
     }
 }

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, Interrupt, VirtioDevice};
 use crate::bus::{lock, BusDevice};
+use crate::{error_limited, warn_limited};
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -38,6 +39,9 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The driver wrote a queue setting the device cannot take (a size that is not a power of two
+    /// up to the maximum, a misaligned ring address): the device will not start until a reset.
+    bad_queue_setting: bool,
 }
 
 impl MmioTransport {
@@ -61,6 +65,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            bad_queue_setting: false,
         }
     }
 
@@ -91,12 +96,31 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.status = 0;
-        self.interrupt.ack(u32::MAX);
+        self.bad_queue_setting = false;
+        self.interrupt.reset();
+    }
+
+    /// A queue setting the driver wrote was refused: say so, and refuse to start until a reset.
+    fn refuse_queue_setting(&mut self, what: &str, value: u64) {
+        self.bad_queue_setting = true;
+        warn_limited!(
+            "virtio-mmio: queue {}: the driver wrote {what} {value:#x}, which the device cannot take",
+            self.queue_sel
+        );
     }
 
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
+            return;
+        }
+        // Only a reset clears status bits (virtio 1.2, 2.1.2): a driver that writes ACKNOWLEDGE
+        // again after DRIVER_OK must not get to negotiate features anew under a running device.
+        if value & self.status != self.status {
+            warn_limited!(
+                "virtio-mmio: the driver wrote status {value:#x} over {:#x} without a reset; ignored",
+                self.status
+            );
             return;
         }
         let newly = value & !self.status;
@@ -108,7 +132,7 @@ impl MmioTransport {
             if acceptable {
                 lock(&self.device).ack_features(self.driver_features);
             } else {
-                log::warn!(
+                warn_limited!(
                     "virtio-mmio: driver features {:#x} are not a subset of {offered:#x} with VERSION_1",
                     self.driver_features
                 );
@@ -117,7 +141,18 @@ impl MmioTransport {
         }
         self.status = value;
         if newly & status::DRIVER_OK != 0 && value & status::FEATURES_OK != 0 && !self.activated {
-            self.activate();
+            if self.bad_queue_setting {
+                self.needs_reset("a queue setting was refused");
+            } else {
+                self.activate();
+            }
+        }
+    }
+
+    fn needs_reset(&mut self, why: &str) {
+        error_limited!("virtio-mmio: the device cannot start: {why}");
+        if let Err(e) = self.interrupt.signal_needs_reset() {
+            error_limited!("virtio-mmio: raising the config interrupt: {e}");
         }
     }
 
@@ -132,13 +167,7 @@ impl MmioTransport {
         let result = lock(&self.device).activate(self.mem.clone(), self.interrupt.clone(), queues);
         match result {
             Ok(()) => self.activated = true,
-            Err(e) => {
-                log::error!("virtio-mmio: starting the device: {e}");
-                self.status |= status::DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.signal_config() {
-                    log::error!("virtio-mmio: raising the config interrupt: {e}");
-                }
-            }
+            Err(e) => self.needs_reset(&e.to_string()),
         }
     }
 
@@ -165,6 +194,9 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS if self.interrupt.needs_reset() => {
+                self.status | status::DEVICE_NEEDS_RESET
+            }
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
@@ -193,8 +225,13 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             VIRTIO_MMIO_QUEUE_NUM => {
-                if let Some(q) = self.queue() {
-                    q.set_size(value as u16);
+                let taken = match (self.queue(), u16::try_from(value)) {
+                    (Some(q), Ok(size)) => q.try_set_size(size).is_ok(),
+                    (Some(_), Err(_)) => false,
+                    (None, _) => true,
+                };
+                if !taken {
+                    self.refuse_queue_setting("size", u64::from(value));
                 }
             }
             VIRTIO_MMIO_QUEUE_READY => {
@@ -205,40 +242,61 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NOTIFY => match self.notifiers.get(value as usize) {
                 Some(evt) => {
                     if let Err(e) = evt.write(1) {
-                        log::error!("virtio-mmio: forwarding a queue notification: {e}");
+                        error_limited!("virtio-mmio: forwarding a queue notification: {e}");
                     }
                 }
                 None => log::debug!("virtio-mmio: notification for unknown queue {value}"),
             },
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
             VIRTIO_MMIO_STATUS => self.set_status(value),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(None, Some(value))),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(None, Some(value))),
-            VIRTIO_MMIO_QUEUE_USED_LOW => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(Some(value), None)),
-            VIRTIO_MMIO_QUEUE_USED_HIGH => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(None, Some(value))),
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.set_queue_address(offset, value),
             _ => log::debug!(
                 "virtio-mmio: write {value:#x} to unknown or read-only register {offset:#x}"
             ),
+        }
+    }
+}
+
+impl MmioTransport {
+    /// One half of a queue's descriptor table, avail ring or used ring address.
+    fn set_queue_address(&mut self, register: u32, value: u32) {
+        let Some(q) = self.queue() else {
+            return;
+        };
+        let merge = |old: u64, high: bool| {
+            if high {
+                (old & 0xffff_ffff) | (u64::from(value) << 32)
+            } else {
+                (old & !0xffff_ffff) | u64::from(value)
+            }
+        };
+        let (what, result) = match register {
+            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                let addr = merge(q.desc_table(), register == VIRTIO_MMIO_QUEUE_DESC_HIGH);
+                (
+                    "descriptor table",
+                    q.try_set_desc_table_address(GuestAddress(addr)),
+                )
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                let addr = merge(q.avail_ring(), register == VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
+                (
+                    "avail ring",
+                    q.try_set_avail_ring_address(GuestAddress(addr)),
+                )
+            }
+            _ => {
+                let addr = merge(q.used_ring(), register == VIRTIO_MMIO_QUEUE_USED_HIGH);
+                ("used ring", q.try_set_used_ring_address(GuestAddress(addr)))
+            }
+        };
+        if result.is_err() {
+            self.refuse_queue_setting(what, u64::from(value));
         }
     }
 }
@@ -288,6 +346,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         acked: u64,
+        acked_out: Option<Arc<std::sync::atomic::AtomicU64>>,
         activations: Arc<AtomicUsize>,
         resets: Arc<AtomicUsize>,
     }
@@ -306,6 +365,9 @@ mod tests {
         }
         fn ack_features(&mut self, features: u64) {
             self.acked = features;
+            if let Some(out) = &self.acked_out {
+                out.store(features, Ordering::SeqCst);
+            }
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8 + 0x40);
@@ -475,5 +537,90 @@ mod tests {
         assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
         wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
         wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
+    }
+
+    /// The whole start-up with features `low` (word 0) and VERSION_1.
+    fn start(t: &mut MmioTransport, low: u32) {
+        wr(t, VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, low);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        wr(
+            t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        set_up_queues(t);
+        wr(
+            t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    #[test]
+    fn a_running_device_keeps_its_features_whatever_the_driver_writes_without_a_reset() {
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let fake = Fake {
+            acked_out: Some(acked.clone()),
+            ..Fake::default()
+        };
+        let activations = fake.activations.clone();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(
+            Arc::new(Mutex::new(fake)),
+            mem,
+            Arc::new(Interrupt::new(irq)),
+            vec![],
+        );
+        start(&mut t, 0b001);
+        assert_eq!(activations.load(Ordering::SeqCst), 1);
+        let running = rd(&mut t, VIRTIO_MMIO_STATUS);
+        // ACKNOWLEDGE alone, other features, FEATURES_OK: a renegotiation without a reset.
+        wr(&mut t, VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0b100);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::FEATURES_OK,
+        );
+        assert_eq!(
+            acked.load(Ordering::SeqCst),
+            (1 << VIRTIO_F_VERSION_1) | 0b001,
+            "the running device's features did not change"
+        );
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), running);
+        assert_eq!(activations.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn queue_settings_the_device_cannot_take_keep_it_from_starting() {
+        for (reg, value) in [
+            (VIRTIO_MMIO_QUEUE_NUM, 0x1_0008), // 8 once narrowed to u16
+            (VIRTIO_MMIO_QUEUE_NUM, 12),       // not a power of two
+            (VIRTIO_MMIO_QUEUE_NUM, 32),       // above the maximum
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1008),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1201),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, 0x1402),
+        ] {
+            let (mut t, activations, _, _) = transport();
+            wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+            wr(&mut t, reg, value);
+            start(&mut t, 0);
+            assert_eq!(activations.load(Ordering::SeqCst), 0, "{reg:#x}={value:#x}");
+            assert_ne!(
+                rd(&mut t, VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET,
+                0,
+                "{reg:#x}={value:#x}"
+            );
+            // A reset clears it and the device starts.
+            wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+            assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
+            start(&mut t, 0);
+            assert_eq!(activations.load(Ordering::SeqCst), 1, "{reg:#x}={value:#x}");
+        }
     }
 }

@@ -3,8 +3,9 @@
 
 pub mod mmio;
 pub mod net;
+pub mod queue;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
@@ -24,11 +25,22 @@ pub mod status {
 }
 
 /// The interrupt of one virtio-mmio device: the InterruptStatus register's bits and the irqfd that
-/// raises the guest IRQ.
+/// raises the guest IRQ; also how the device tells the transport that it needs a reset.
 pub struct Interrupt {
     irqfd: EventFd,
     status: AtomicU32,
     raised: AtomicU64,
+    needs_reset: AtomicBool,
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt")
+            .field("status", &self.status())
+            .field("raised", &self.raised())
+            .field("needs_reset", &self.needs_reset())
+            .finish()
+    }
 }
 
 impl Interrupt {
@@ -37,6 +49,7 @@ impl Interrupt {
             irqfd,
             status: AtomicU32::new(0),
             raised: AtomicU64::new(0),
+            needs_reset: AtomicBool::new(false),
         }
     }
 
@@ -62,6 +75,26 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The driver broke the virtio rules: the status register shows DEVICE_NEEDS_RESET from now
+    /// until the driver resets the device, and the driver hears of it by a configuration
+    /// interrupt (virtio 1.2, 2.1.2).
+    pub fn signal_needs_reset(&self) -> std::io::Result<()> {
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.signal_config()
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Clears the interrupt state on a device reset.
+    pub fn reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
     }
 
     /// Interrupts raised so far.

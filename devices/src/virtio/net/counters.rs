@@ -47,6 +47,8 @@ counters! {
     tx_eagain: "Times the backend was full and TX waited for it.",
     tx_errors: "Frames the backend refused (dropped, returned to the guest).",
     malformed_chains: "Descriptor chains refused (too short or long, looping, wrong direction, outside memory).",
+    driver_errors: "Times the driver broke the virtio rules and the device stopped until a reset (DEVICE_NEEDS_RESET).",
+    yields: "Queue passes that used their budget and yielded to the rest of the event loop.",
     rx_notifications: "Guest notifications on the RX queue.",
     tx_notifications: "Guest notifications on the TX queue.",
     interrupts: "Interrupts sent to the guest.",

@@ -10,21 +10,35 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::device::{report_malformed, Net};
-use super::iovec::descriptors;
+use super::device::{report_malformed, Net, BUDGET};
 use super::Malformed;
+use crate::virtio::queue::{descriptors, pop, put, DriverError};
+use crate::{error_limited, info_limited, warn_limited};
 
 /// Longest command read: class, command and a u16 argument, with room to spare.
 const MAX_COMMAND: usize = 64;
+/// The answers, as the one status byte the driver reads.
+const OK: u8 = VIRTIO_NET_OK as u8;
+const ERR: u8 = VIRTIO_NET_ERR as u8;
+
+/// One command taken from a chain: its bytes and where its status byte goes.
+struct Request {
+    command: [u8; MAX_COMMAND],
+    len: usize,
+    status: GuestAddress,
+}
 
 impl<B: NetBackend> Net<B> {
-    /// Answers every command the driver queued.
+    /// Answers the commands the driver queued, at most a budget of them per pass.
     pub(super) fn process_ctrl(&mut self) {
         let Some(index) = self.ctrl_index() else {
             return;
         };
+        if self.broken.is_some() {
+            return;
+        }
         let mut used_any = false;
-        loop {
+        for _ in 0..BUDGET {
             let Some(active) = self.active.as_mut() else {
                 return;
             };
@@ -32,44 +46,23 @@ impl<B: NetBackend> Net<B> {
             let Some(ctrl) = active.ctrl.as_mut() else {
                 return;
             };
-            let Some(chain) = ctrl.pop_descriptor_chain(mem) else {
-                break;
+            let chain = match pop(ctrl, mem, index) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
             };
             let head = chain.head_index();
-            let mut command = [0u8; MAX_COMMAND];
-            let mut len = 0usize;
-            let mut ack: Option<GuestAddress> = None;
-            let parsed = descriptors(chain, |d| {
-                if d.is_write_only() {
-                    ack.get_or_insert(d.addr());
-                } else if ack.is_some() {
-                    return Err(Malformed::WrongDirection);
-                } else {
-                    let n = (d.len() as usize).min(MAX_COMMAND - len);
-                    mem.read_slice(&mut command[len..len + n], d.addr())
-                        .map_err(|_| Malformed::OutsideMemory)?;
-                    len += n;
-                }
-                Ok(())
-            });
-            let request = match (parsed, ack) {
-                (Ok(()), Some(ack)) if len >= 2 => Some((ack, command[..len].to_vec())),
-                (Err(why), _) => {
-                    report_malformed(&self.name, &self.counters, why);
-                    None
-                }
-                _ => {
-                    report_malformed(&self.name, &self.counters, Malformed::TooShort);
-                    None
-                }
-            };
+            let request = read_request(mem, chain);
             let used = match request {
-                Some((ack, command)) => {
-                    let status = self.execute(&command);
+                Ok(request) => {
+                    let status = self.execute(&request.command[..request.len]);
                     let Some(active) = self.active.as_ref() else {
                         return;
                     };
-                    match active.mem.write_obj(status, ack) {
+                    match active.mem.write_obj(status, request.status) {
                         Ok(()) => 1,
                         Err(_) => {
                             report_malformed(&self.name, &self.counters, Malformed::OutsideMemory);
@@ -77,19 +70,45 @@ impl<B: NetBackend> Net<B> {
                         }
                     }
                 }
-                None => 0,
-            };
-            if let Some(active) = self.active.as_mut() {
-                if let Some(ctrl) = active.ctrl.as_mut() {
-                    if let Err(e) = ctrl.add_used(&active.mem, head, used) {
-                        log::error!("{}: returning a control chain: {e}", self.name);
-                    }
+                Err(why) => {
+                    report_malformed(&self.name, &self.counters, why);
+                    0
                 }
+            };
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let Some(ctrl) = active.ctrl.as_mut() else {
+                return;
+            };
+            if let Err(e) = put(ctrl, &active.mem, index, head, used) {
+                self.fail(e);
+                return;
             }
             used_any = true;
         }
+        if self.ctrl_has_more(index) {
+            self.reschedule(index);
+        }
         if used_any {
             self.notify_guest(index);
+        }
+    }
+
+    /// Whether the control queue holds chains a spent budget left behind.
+    fn ctrl_has_more(&mut self, index: usize) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(ctrl) = active.ctrl.as_mut() else {
+            return false;
+        };
+        match ctrl.avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(avail) => avail.0 != ctrl.next_avail(),
+            Err(_) => {
+                self.fail(DriverError::Rings { queue: index });
+                false
+            }
         }
     }
 
@@ -99,35 +118,78 @@ impl<B: NetBackend> Net<B> {
         let mq_acked = self.acked_features & (1 << VIRTIO_NET_F_MQ) != 0;
         if class != VIRTIO_NET_CTRL_MQ || cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET || !mq_acked {
             log::debug!("{}: control command {class}/{cmd} refused", self.name);
-            return VIRTIO_NET_ERR as u8;
+            return ERR;
         }
         let Some(pairs) = command
             .get(2..4)
             .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
         else {
-            return VIRTIO_NET_ERR as u8;
+            return ERR;
         };
-        if pairs == 0 || pairs > self.pairs.len() {
-            log::warn!(
-                "{}: the guest asked for {pairs} queue pairs of {}",
+        let set_up = (0..pairs).all(|p| {
+            self.active
+                .as_ref()
+                .and_then(|a| a.pairs.get(p))
+                .is_some_and(|p| p.usable)
+        });
+        if pairs == 0 || pairs > self.pairs.len() || !set_up {
+            warn_limited!(
+                "{}: the guest asked for {pairs} queue pairs of {} (all of them set up: {set_up})",
                 self.name,
                 self.pairs.len()
             );
-            return VIRTIO_NET_ERR as u8;
+            return ERR;
         }
         match self.use_pairs(pairs) {
             Ok(()) => {
-                log::info!("{}: the guest uses {pairs} queue pairs", self.name);
+                info_limited!("{}: the guest uses {pairs} queue pairs", self.name);
                 for p in 0..pairs {
                     self.pairs[p].rx_pending = true;
                     self.process_rx(p);
                 }
-                VIRTIO_NET_OK as u8
+                OK
             }
             Err(e) => {
-                log::error!("{}: {e}", self.name);
-                VIRTIO_NET_ERR as u8
+                error_limited!("{}: {e}", self.name);
+                ERR
             }
         }
+    }
+}
+
+/// Reads a command chain: device-readable buffers with the command, then a device-writable one of
+/// at least one byte for the status.
+fn read_request(
+    mem: &vm_memory::GuestMemoryMmap,
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+) -> Result<Request, Malformed> {
+    let mut command = [0u8; MAX_COMMAND];
+    let mut len = 0usize;
+    let mut status: Option<GuestAddress> = None;
+    descriptors(chain, |d| {
+        if d.is_write_only() {
+            if d.len() == 0 {
+                return Err(Malformed::TooShort);
+            }
+            status.get_or_insert(d.addr());
+        } else if status.is_some() {
+            return Err(Malformed::WrongDirection);
+        } else {
+            let n = usize::try_from(d.len())
+                .unwrap_or(usize::MAX)
+                .min(MAX_COMMAND - len);
+            mem.read_slice(&mut command[len..len + n], d.addr())
+                .map_err(|_| Malformed::OutsideMemory)?;
+            len += n;
+        }
+        Ok(())
+    })?;
+    match status {
+        Some(status) if len >= 2 => Ok(Request {
+            command,
+            len,
+            status,
+        }),
+        _ => Err(Malformed::TooShort),
     }
 }

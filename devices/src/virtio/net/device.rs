@@ -18,7 +18,14 @@ use vmm_sys_util::eventfd::EventFd;
 use super::counters::NetCounters;
 use super::rx::RxStash;
 use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE};
+use crate::virtio::queue::{usable, DriverError};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
+use crate::{error_limited, info_limited, warn_limited};
+
+/// Most chains (TX, control) or frames (RX) one pass over a queue handles before it yields to the
+/// other queues, NICs and the stop path; the queue is then served again on the next turn of the
+/// event loop (see `reschedule`).
+pub const BUDGET: usize = QUEUE_SIZE as usize / 2;
 
 /// Queue index of pair `p`'s receive queue, and of its transmit queue.
 pub const fn rx_index(pair: usize) -> usize {
@@ -27,6 +34,9 @@ pub const fn rx_index(pair: usize) -> usize {
 pub const fn tx_index(pair: usize) -> usize {
     2 * pair + 1
 }
+
+/// Most queue pairs a device has.
+pub const MAX_PAIRS: u16 = 31;
 
 /// One queue pair's host side.
 pub(super) struct Pair<B> {
@@ -43,6 +53,9 @@ pub(super) struct ActivePair {
     pub tx: Queue,
     /// RX chains taken from `rx` that no frame has used yet.
     pub rx_stash: RxStash,
+    /// Both queues are ready and inside guest memory; a pair the driver left unset is never
+    /// touched (not even its rings' flags, which would sit at guest address 0).
+    pub usable: bool,
 }
 
 /// What the device works with once the driver started it.
@@ -73,6 +86,12 @@ pub struct Net<B: NetBackend> {
     pub(super) counters: Arc<NetCounters>,
     pub(super) active: Option<Active>,
     pub(super) registered: bool,
+    /// Set when the driver broke the rules: no queue is served until it resets the device.
+    pub(super) broken: Option<DriverError>,
+    /// Written when a pass ran out of budget; the queues to serve again are in `resched`.
+    pub(super) yield_evt: EventFd,
+    /// One bit per queue index.
+    pub(super) resched: u64,
     // Scratch space reused for every frame.
     pub(super) rx_iov: Vec<IoSliceMut<'static>>,
     pub(super) tx_iov: Vec<IoSlice<'static>>,
@@ -90,12 +109,16 @@ impl<B: NetBackend> Net<B> {
         host_offloads: u32,
     ) -> std::io::Result<Self> {
         let n = backends.len();
-        if n == 0 || n > u16::MAX as usize / 2 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("a virtio-net device needs 1 to 32767 queue pairs, not {n}"),
-            ));
-        }
+        // Queue indexes fit the 64-bit reschedule mask.
+        let pairs = u16::try_from(n)
+            .ok()
+            .filter(|p| (1..=MAX_PAIRS).contains(p))
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a virtio-net device needs 1 to {MAX_PAIRS} queue pairs, not {n}"),
+                )
+            })?;
         let queues = if n > 1 { 2 * n + 1 } else { 2 };
         let mtu_value = mtu.unwrap_or(1500);
         Ok(Self {
@@ -112,7 +135,7 @@ impl<B: NetBackend> Net<B> {
             queue_sizes: vec![QUEUE_SIZE; queues],
             avail_features: offered_features(host_offloads, mtu.is_some(), n),
             acked_features: 0,
-            config: config_space(mac, mtu_value, n as u16),
+            config: config_space(mac, mtu_value, pairs),
             mtu: mtu_value,
             queue_evts: (0..queues)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK))
@@ -121,6 +144,9 @@ impl<B: NetBackend> Net<B> {
             counters: Arc::new(NetCounters::default()),
             active: None,
             registered: false,
+            broken: None,
+            yield_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            resched: 0,
             rx_iov: Vec::with_capacity(64),
             tx_iov: Vec::with_capacity(64),
             rx_hdr_bufs: Vec::with_capacity(4),
@@ -183,42 +209,74 @@ impl<B: NetBackend> Net<B> {
                 None => return,
             },
         };
-        match q.needs_notification(&active.mem) {
+        let wanted = q.needs_notification(&active.mem);
+        let interrupt = active.interrupt.clone();
+        match wanted {
             Ok(false) => {}
             Ok(true) => {
                 NetCounters::add(&self.counters.interrupts, 1);
-                if let Err(e) = active.interrupt.signal_used() {
-                    log::error!("{}: raising the interrupt: {e}", self.name);
+                if let Err(e) = interrupt.signal_used() {
+                    error_limited!("{}: raising the interrupt: {e}", self.name);
                 }
             }
-            Err(e) => log::error!(
-                "{}: reading the driver's notification state: {e}",
-                self.name
-            ),
+            Err(_) => self.fail(DriverError::Rings { queue: index }),
         }
     }
 
     fn signal_state(&self) {
         if let Err(e) = self.state_evt.write(1) {
-            log::error!("{}: signalling the event loop: {e}", self.name);
+            error_limited!("{}: signalling the event loop: {e}", self.name);
         }
+    }
+
+    /// The driver broke the virtio rules: stop serving every queue, set DEVICE_NEEDS_RESET and
+    /// tell the driver, count it, and say so (rate-limited).
+    pub(super) fn fail(&mut self, why: DriverError) {
+        if self.broken.is_some() {
+            return;
+        }
+        self.broken = Some(why);
+        NetCounters::add(&self.counters.driver_errors, 1);
+        warn_limited!(
+            "{}: the driver broke the virtio rules ({why}); the device stops until it is reset",
+            self.name
+        );
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_needs_reset() {
+                error_limited!("{}: raising the configuration interrupt: {e}", self.name);
+            }
+        }
+    }
+
+    /// Has queue `index` served again on the event loop's next turn: its pass used its budget.
+    pub(super) fn reschedule(&mut self, index: usize) {
+        NetCounters::add(&self.counters.yields, 1);
+        if self.resched == 0 {
+            if let Err(e) = self.yield_evt.write(1) {
+                error_limited!("{}: signalling the event loop: {e}", self.name);
+            }
+        }
+        self.resched |= 1 << index;
+    }
+
+    /// The queues of pair `pair` when the device runs, the driver set them up and broke no rule.
+    pub(super) fn serving(&self, pair: usize) -> bool {
+        self.broken.is_none()
+            && self
+                .active
+                .as_ref()
+                .and_then(|a| a.pairs.get(pair))
+                .is_some_and(|p| p.usable)
     }
 }
 
-/// Counts a refused chain; the first one is worth a warning, a guest that keeps sending them must not
+/// Counts a refused chain and says so, rate-limited: a guest that keeps sending them must not
 /// flood the log.
 pub(super) fn report_malformed(name: &str, counters: &NetCounters, why: Malformed) {
-    if counters
-        .malformed_chains
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
-        log::warn!(
-            "{name}: the guest sent a malformed descriptor chain ({why:?}); returned with length 0"
-        );
-    } else {
-        log::debug!("{name}: malformed descriptor chain ({why:?})");
-    }
+    NetCounters::add(&counters.malformed_chains, 1);
+    warn_limited!(
+        "{name}: the guest sent a malformed descriptor chain ({why:?}); returned with length 0"
+    );
 }
 
 impl<B: NetBackend> VirtioDevice for Net<B> {
@@ -269,7 +327,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         // Pairs the driver does not use yet may stay unset; the first pair and the control queue
         // must be there.
         for (i, q) in queues.iter().enumerate() {
-            if !q.is_valid(&mem) && (i < 2 || Some(i) == self.ctrl_index()) {
+            if !usable(q, &mem) && (i < 2 || Some(i) == self.ctrl_index()) {
                 return Err(ActivateError::BadQueue(i));
             }
         }
@@ -281,7 +339,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             })?;
         }
         self.use_pairs(1).map_err(ActivateError::Backend)?;
-        log::info!(
+        info_limited!(
             "{}: driver started: features {:#x}, offloads to the guest {set:#x}",
             self.name,
             self.acked_features
@@ -290,13 +348,17 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         let mut pairs = Vec::with_capacity(self.pairs.len());
         for _ in 0..self.pairs.len() {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
+                let usable = usable(&rx, &mem) && usable(&tx, &mem);
                 pairs.push(ActivePair {
                     rx,
                     tx,
                     rx_stash: RxStash::default(),
+                    usable,
                 });
             }
         }
+        self.broken = None;
+        self.resched = 0;
         self.active = Some(Active {
             mem,
             interrupt,
@@ -314,13 +376,15 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn reset(&mut self) {
-        log::info!("{}: reset by the driver", self.name);
+        info_limited!("{}: reset by the driver", self.name);
         self.active = None;
+        self.broken = None;
+        self.resched = 0;
         self.acked_features = 0;
         for pair in &mut self.pairs {
             pair.tx_blocked = false;
             if let Err(e) = pair.backend.set_offloads(0) {
-                log::warn!("{}: clearing offloads on reset: {e}", self.name);
+                warn_limited!("{}: clearing offloads on reset: {e}", self.name);
             }
         }
         self.signal_state();

@@ -1,7 +1,7 @@
 //! The device in the VMM's event loop: the state eventfd (activation, reset) is always watched;
 //! the queue notifications and each backend's fd (edge-triggered, read to EAGAIN) only while the
 //! driver runs the device. Each registration carries a token: the queue index for a queue, or
-//! BACKEND + pair for a backend.
+//! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -10,7 +10,10 @@ use vmm_sys_util::epoll::EventSet;
 use super::counters::NetCounters;
 use super::device::Net;
 
+use crate::error_limited;
+
 const STATE: u32 = u32::MAX;
+const YIELD: u32 = u32::MAX - 1;
 const BACKEND: u32 = 1 << 16;
 
 impl<B: NetBackend> Net<B> {
@@ -44,7 +47,7 @@ impl<B: NetBackend> Net<B> {
                 ops.remove(events)
             };
             if let Err(e) = result {
-                log::error!(
+                error_limited!(
                     "{}: (un)registering an fd with the event loop: {e:?}",
                     self.name
                 );
@@ -56,8 +59,10 @@ impl<B: NetBackend> Net<B> {
 
 impl<B: NetBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.state_evt, STATE, EventSet::IN)) {
-            log::error!("{}: registering the state eventfd: {e:?}", self.name);
+        for (evt, token) in [(&self.state_evt, STATE), (&self.yield_evt, YIELD)] {
+            if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
+                error_limited!("{}: registering an eventfd: {e:?}", self.name);
+            }
         }
     }
 
@@ -71,6 +76,12 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 self.process_tx(p);
             }
             self.process_ctrl();
+        } else if token == YIELD {
+            let _ = self.yield_evt.read();
+            let queues = std::mem::take(&mut self.resched);
+            for index in (0..64usize).filter(|i| queues & (1 << i) != 0) {
+                self.process_queue(index);
+            }
         } else if token >= BACKEND {
             let p = (token - BACKEND) as usize;
             let set = events.event_set();
@@ -89,15 +100,28 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         } else if let Some(evt) = self.queue_evts.get(token as usize) {
             let _ = evt.read();
             let index = token as usize;
-            if Some(index) == self.ctrl_index() {
-                self.process_ctrl();
-            } else if index % 2 == 0 {
-                NetCounters::add(&self.counters.rx_notifications, 1);
-                self.process_rx(index / 2);
-            } else {
-                NetCounters::add(&self.counters.tx_notifications, 1);
-                self.process_tx(index / 2);
+            if Some(index) != self.ctrl_index() {
+                let counter = if index % 2 == 0 {
+                    &self.counters.rx_notifications
+                } else {
+                    &self.counters.tx_notifications
+                };
+                NetCounters::add(counter, 1);
             }
+            self.process_queue(index);
+        }
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// One pass over queue `index`.
+    fn process_queue(&mut self, index: usize) {
+        if Some(index) == self.ctrl_index() {
+            self.process_ctrl();
+        } else if index % 2 == 0 {
+            self.process_rx(index / 2);
+        } else {
+            self.process_tx(index / 2);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Guest buffers as iovecs for readv/writev, straight into guest memory, and the checks that keep a
-//! guest's bad descriptor chain from reaching the host: direction, bounds, loops.
+//! guest's bad descriptor chain from reaching the host: direction and bounds (loops and length:
+//! `virtio::queue::descriptors`).
 
 use std::io::{IoSlice, IoSliceMut};
 
@@ -17,31 +18,12 @@ pub fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
         .collect()
 }
 
-/// Walks a chain's descriptors (virtio-queue's iterator stops silently on loops and bad indexes; a
-/// last descriptor that still says "next" tells us it was cut).
-pub fn descriptors(
-    chain: impl Iterator<Item = Descriptor>,
-    mut each: impl FnMut(&Descriptor) -> Result<(), Malformed>,
-) -> Result<(), Malformed> {
-    let mut last_has_next = false;
-    let mut any = false;
-    for desc in chain {
-        any = true;
-        last_has_next = desc.has_next();
-        each(&desc)?;
-    }
-    if last_has_next || !any {
-        return Err(Malformed::Broken);
-    }
-    Ok(())
-}
-
 fn host_ptr(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     len: u32,
 ) -> Result<(*mut u8, usize), Malformed> {
-    let len = len as usize;
+    let len = usize::try_from(len).map_err(|_| Malformed::OutsideMemory)?;
     let slice =
         GuestMemoryBackend::get_slice(mem, addr, len).map_err(|_| Malformed::OutsideMemory)?;
     Ok((slice.ptr_guard_mut().as_ptr(), len))
@@ -84,7 +66,7 @@ pub fn push_readable<'m>(
     out: &mut Vec<IoSlice<'m>>,
     offset: usize,
     hdr: &mut [u8],
-) -> Result<u32, Malformed> {
+) -> Result<usize, Malformed> {
     if desc.is_write_only() {
         return Err(Malformed::WrongDirection);
     }
@@ -98,7 +80,7 @@ pub fn push_readable<'m>(
     out.push(IoSlice::new(unsafe {
         std::slice::from_raw_parts(ptr, len)
     }));
-    Ok(desc.len())
+    Ok(len)
 }
 
 /// Writes `bytes` at byte `offset` of the buffers `bufs` (guest addresses and lengths).

@@ -19,6 +19,8 @@ mod tx;
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod test_utils;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -100,6 +102,8 @@ pub enum Malformed {
     OutsideMemory,
     /// The chain loops, points past the table, or cannot be read.
     Broken,
+    /// More buffers than one readv/writev takes (`virtio::queue::MAX_CHAIN_BUFFERS`).
+    TooManyBuffers,
 }
 
 #[cfg(test)]

@@ -1,36 +1,52 @@
 //! Host -> guest: frames are read from the backend straight into the guest's RX buffers (one chain,
-//! or as many as a frame needs with MRG_RXBUF), until the backend says EAGAIN or the guest runs out
-//! of buffers; then the device waits for the guest to add some.
+//! or as many as a frame needs with MRG_RXBUF), until the backend says EAGAIN, the guest runs out
+//! of buffers or the pass's budget is spent; then the device waits for the guest to add some, or
+//! yields to the rest of the event loop.
 //!
 //! The size of the next frame is unknown until it is read, so the device offers each read room for
 //! the largest frame the guest accepts: with MRG_RXBUF and GSO that is 64 KiB, 16 to 43 of Linux's
 //! buffers. Chains taken from the avail ring for that wait in the pair's [`RxStash`] until a frame
 //! fills them: each chain is walked once, however many reads it is offered to. (Taking them anew for
 //! each frame and putting back the unused ones cost a small frame some 40 chain walks.)
+//!
+//! The stash holds at most [`MAX_CHAIN_BUFFERS`] buffers, whatever the guest posts: a guest of tiny
+//! buffers behind huge indirect tables gets reads of at most that many buffers, and the host's
+//! memory for RX stays a few KiB per queue pair.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_NONE};
 use tapir_net_backend::NetBackend;
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, rx_index, Net};
-use super::iovec::{descriptors, push_writable, recycle, writable, write_at};
+use super::device::{report_malformed, rx_index, Net, BUDGET};
+use super::iovec::{push_writable, recycle, writable, write_at};
 use super::{Malformed, HDR_LEN};
+use crate::virtio::queue::{descriptors, pop, put, DriverError, MAX_CHAIN_BUFFERS};
+use crate::warn_limited;
 
 /// Offset of num_buffers in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
+/// One chain in the stash.
+#[derive(Debug, Clone, Copy)]
+struct Stashed {
+    head: u16,
+    /// Writable bytes.
+    len: u32,
+    /// Number of buffers.
+    bufs: usize,
+}
+
 /// RX chains taken from the avail ring and checked, not used yet, in the order the guest made
 /// them available.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(super) struct RxStash {
-    /// (head index, writable bytes, number of buffers) per chain.
-    chains: VecDeque<(u16, u32, usize)>,
-    /// The chains' buffers, one after the other.
+    chains: VecDeque<Stashed>,
+    /// The chains' buffers, one after the other; at most MAX_CHAIN_BUFFERS.
     bufs: VecDeque<(GuestAddress, u32)>,
     /// Writable bytes in all the chains.
     room: usize,
@@ -42,11 +58,29 @@ impl RxStash {
     pub fn len(&self) -> usize {
         self.chains.len()
     }
+
+    /// Buffers held.
+    pub fn buffers(&self) -> usize {
+        self.bufs.len()
+    }
+}
+
+/// How an RX pass ended.
+enum Pass {
+    /// The backend has nothing more, or the guest no buffers (notifications are on again).
+    Done,
+    /// The budget ran out with frames possibly left.
+    Yield,
+    Failed(DriverError),
 }
 
 impl<B: NetBackend> Net<B> {
-    /// Moves frames from pair `pair`'s backend to its RX queue while both have some.
+    /// Moves frames from pair `pair`'s backend to its RX queue while both have some, for at most a
+    /// budget of frames.
     pub(super) fn process_rx(&mut self, pair: usize) {
+        if !self.serving(pair) {
+            return;
+        }
         let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
             return;
         };
@@ -54,16 +88,31 @@ impl<B: NetBackend> Net<B> {
         let Some(ap) = active.pairs.get_mut(pair) else {
             return;
         };
+        let index = rx_index(pair);
         let (rx, stash) = (&mut ap.rx, &mut ap.rx_stash);
         let counters = &self.counters;
         // Without MRG_RXBUF a frame goes into exactly one chain.
         let max_chains = if active.mrg_rxbuf { usize::MAX } else { 1 };
         let mut used_any = false;
-        while slot.rx_pending {
+        let mut budget = BUDGET;
+        let pass = 'frames: loop {
+            if !slot.rx_pending {
+                break Pass::Done;
+            }
+            if budget == 0 {
+                break Pass::Yield;
+            }
+            budget -= 1;
             // Top the stash up to room for the largest frame.
-            while stash.room < active.rx_frame_max && stash.chains.len() < max_chains {
-                let Some(chain) = rx.pop_descriptor_chain(mem) else {
-                    break;
+            while stash.room < active.rx_frame_max
+                && stash.chains.len() < max_chains
+                && stash.bufs.len() < MAX_CHAIN_BUFFERS
+                && budget > 0
+            {
+                let chain = match pop(rx, mem, index) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => break 'frames Pass::Failed(e),
                 };
                 let head = chain.head_index();
                 let before = stash.bufs.len();
@@ -80,28 +129,42 @@ impl<B: NetBackend> Net<B> {
                     parsed = Err(Malformed::TooShort);
                 }
                 if let Err(why) = parsed {
+                    // A refused chain costs a turn of the budget, as a frame does.
+                    budget -= 1;
                     stash.bufs.truncate(before);
-                    if let Err(e) = rx.add_used(mem, head, 0) {
-                        log::error!("{}: returning a malformed RX chain: {e}", self.name);
+                    if let Err(e) = put(rx, mem, index, head, 0) {
+                        break 'frames Pass::Failed(e);
                     }
                     used_any = true;
                     report_malformed(&self.name, counters, why);
                     continue;
                 }
-                stash
-                    .chains
-                    .push_back((head, len, stash.bufs.len() - before));
+                let nbufs = stash.bufs.len() - before;
+                if stash.bufs.len() > MAX_CHAIN_BUFFERS && !stash.chains.is_empty() {
+                    // No room for this chain's buffers in one read: it waits for the next read.
+                    stash.bufs.truncate(before);
+                    rx.go_to_previous_position();
+                    break;
+                }
+                stash.chains.push_back(Stashed {
+                    head,
+                    len,
+                    bufs: nbufs,
+                });
                 stash.room += len as usize;
             }
             if stash.chains.is_empty() {
+                if budget == 0 {
+                    break Pass::Yield;
+                }
                 // Out of buffers: have the guest notify when it adds some, unless it just did.
                 match rx.enable_notification(mem) {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(e) => log::error!("{}: enabling RX notifications: {e}", self.name),
+                    Err(_) => break Pass::Failed(DriverError::Rings { queue: index }),
                 }
                 NetCounters::add(&counters.rx_no_buffers, 1);
-                break;
+                break Pass::Done;
             }
 
             let mut iov = recycle(std::mem::take(&mut self.rx_iov));
@@ -113,9 +176,9 @@ impl<B: NetBackend> Net<B> {
                 // Checked when stashed, and guest memory does not change while the device runs;
                 // should it anyway, the chains go back empty rather than anywhere near the host.
                 self.rx_iov = recycle(iov);
-                for (head, ..) in stash.chains.drain(..) {
-                    if let Err(e) = rx.add_used(mem, head, 0) {
-                        log::error!("{}: returning an RX chain: {e}", self.name);
+                for chain in stash.chains.drain(..) {
+                    if let Err(e) = put(rx, mem, index, chain.head, 0) {
+                        break 'frames Pass::Failed(e);
                     }
                     report_malformed(&self.name, counters, Malformed::OutsideMemory);
                 }
@@ -130,24 +193,24 @@ impl<B: NetBackend> Net<B> {
                 Ok(Some(n)) => {
                     // The first chain's buffers hold the header, where num_buffers goes.
                     self.rx_hdr_bufs.clear();
-                    let first_bufs = stash.chains.front().map_or(0, |c| c.2);
+                    let first_bufs = stash.chains.front().map_or(0, |c| c.bufs);
                     self.rx_hdr_bufs
                         .extend(stash.bufs.iter().take(first_bufs).copied());
                     let mut remaining = n;
                     let mut used_chains = 0u16;
-                    while let Some(&(head, len, nbufs)) = stash.chains.front() {
+                    while let Some(&chain) = stash.chains.front() {
                         if remaining == 0 && used_chains > 0 {
                             break;
                         }
-                        let used = remaining.min(len as usize);
-                        if let Err(e) = rx.add_used(mem, head, used as u32) {
-                            log::error!("{}: returning an RX chain: {e}", self.name);
+                        let used = u32::try_from(remaining).map_or(chain.len, |r| r.min(chain.len));
+                        if let Err(e) = put(rx, mem, index, chain.head, used) {
+                            break 'frames Pass::Failed(e);
                         }
-                        remaining -= used;
+                        remaining -= used as usize;
                         used_chains += 1;
                         stash.chains.pop_front();
-                        stash.bufs.drain(..nbufs);
-                        stash.room -= len as usize;
+                        stash.bufs.drain(..chain.bufs);
+                        stash.room -= chain.len as usize;
                     }
                     write_at(
                         mem,
@@ -171,15 +234,19 @@ impl<B: NetBackend> Net<B> {
                 }
                 Ok(None) => slot.rx_pending = false,
                 Err(e) => {
-                    if counters.rx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("{}: reading a frame from the backend: {e}", self.name);
-                    }
+                    counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    warn_limited!("{}: reading a frame from the backend: {e}", self.name);
                     slot.rx_pending = false;
                 }
             }
+        };
+        match pass {
+            Pass::Done => {}
+            Pass::Yield => self.reschedule(index),
+            Pass::Failed(e) => self.fail(e),
         }
         if used_any {
-            self.notify_guest(rx_index(pair));
+            self.notify_guest(index);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Guest -> host: each TX chain ([virtio-net header | frame], any number of buffers) goes to the
 //! backend in one writev straight from guest memory. EAGAIN puts the chain back and TX waits until
-//! the backend is writable again; nothing is dropped silently.
+//! the backend is writable again; nothing is dropped silently. A pass sends at most [`BUDGET`]
+//! chains, then yields.
 
 use std::sync::atomic::Ordering;
 
@@ -9,13 +10,28 @@ use tapir_net_backend::NetBackend;
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, tx_index, Net};
-use super::iovec::{descriptors, push_readable, recycle};
+use super::device::{report_malformed, tx_index, Net, BUDGET};
+use super::iovec::{push_readable, recycle};
 use super::{Malformed, HDR_LEN, MAX_GSO_FRAME};
+use crate::virtio::queue::{descriptors, pop, put, DriverError};
+use crate::warn_limited;
+
+/// How a TX pass ended.
+enum Pass {
+    /// The queue is empty (notifications are on again), or the backend is full.
+    Done,
+    /// The budget ran out with chains left.
+    Yield,
+    Failed(DriverError),
+}
 
 impl<B: NetBackend> Net<B> {
-    /// Sends what the guest queued on pair `pair` until the queue is empty or the backend is full.
+    /// Sends what the guest queued on pair `pair` until the queue is empty, the backend is full or
+    /// the pass's budget is spent.
     pub(super) fn process_tx(&mut self, pair: usize) {
+        if !self.serving(pair) {
+            return;
+        }
         let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
             return;
         };
@@ -26,19 +42,30 @@ impl<B: NetBackend> Net<B> {
         let Some(tx) = active.pairs.get_mut(pair).map(|p| &mut p.tx) else {
             return;
         };
+        let index = tx_index(pair);
         let counters = &self.counters;
         let mut used_any = false;
-        'queue: loop {
-            if let Err(e) = tx.disable_notification(mem) {
-                log::error!("{}: disabling TX notifications: {e}", self.name);
+        let mut budget = BUDGET;
+        let pass = 'queue: loop {
+            if tx.disable_notification(mem).is_err() {
+                break Pass::Failed(DriverError::Rings { queue: index });
             }
-            while let Some(chain) = tx.pop_descriptor_chain(mem) {
+            loop {
+                if budget == 0 {
+                    break 'queue Pass::Yield;
+                }
+                let chain = match pop(tx, mem, index) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => break 'queue Pass::Failed(e),
+                };
+                budget -= 1;
                 let head = chain.head_index();
                 let mut iov = recycle(std::mem::take(&mut self.tx_iov));
                 let mut hdr = [0u8; HDR_LEN];
                 let mut total = 0usize;
                 let mut parsed = descriptors(chain, |d| {
-                    total += push_readable(mem, d, &mut iov, total, &mut hdr)? as usize;
+                    total += push_readable(mem, d, &mut iov, total, &mut hdr)?;
                     if total > MAX_GSO_FRAME {
                         return Err(Malformed::TooLong);
                     }
@@ -60,7 +87,7 @@ impl<B: NetBackend> Net<B> {
                         tx.go_to_previous_position();
                         slot.tx_blocked = true;
                         NetCounters::add(&counters.tx_eagain, 1);
-                        break 'queue;
+                        break 'queue Pass::Done;
                     }
                     Some(Ok(Some(_))) => {
                         NetCounters::add(&counters.tx_frames, 1);
@@ -72,28 +99,30 @@ impl<B: NetBackend> Net<B> {
                             NetCounters::add(&counters.tx_gso_frames, 1);
                         }
                     }
-                    Some(Err(e)) if counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 => {
-                        log::warn!("{}: the backend refused a frame: {e}", self.name);
+                    Some(Err(e)) => {
+                        counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+                        warn_limited!("{}: the backend refused a frame: {e}", self.name);
                     }
-                    Some(Err(_)) => {}
                     None => {}
                 }
-                if let Err(e) = tx.add_used(mem, head, 0) {
-                    log::error!("{}: returning a TX chain: {e}", self.name);
+                if let Err(e) = put(tx, mem, index, head, 0) {
+                    break 'queue Pass::Failed(e);
                 }
                 used_any = true;
             }
             match tx.enable_notification(mem) {
                 Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::error!("{}: enabling TX notifications: {e}", self.name);
-                    break;
-                }
+                Ok(false) => break Pass::Done,
+                Err(_) => break Pass::Failed(DriverError::Rings { queue: index }),
             }
+        };
+        match pass {
+            Pass::Done => {}
+            Pass::Yield => self.reschedule(index),
+            Pass::Failed(e) => self.fail(e),
         }
         if used_any {
-            self.notify_guest(tx_index(pair));
+            self.notify_guest(index);
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{
@@ -152,6 +152,31 @@ impl Rtnl {
             &what,
         )
         .map(drop)
+    }
+
+    /// Every link in this network namespace.
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+            "list links",
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(parse_link(&link)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes the link called `name`.
+    pub fn delete_link_by_name(&mut self, name: &str) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        let what = format!("delete link {name}");
+        self.request(RouteNetlinkMessage::DelLink(msg), 0, &what)
+            .map(drop)
     }
 
     /// Deletes the link with index `index`.

@@ -113,6 +113,8 @@ pub enum NicError {
     },
     #[error("macvtap {0} has no MAC address")]
     NoMac(String),
+    #[error("fd={0} is not an open file descriptor of this process (open it for Tapir, e.g. `3<>/dev/tapN`)")]
+    FdNotOpen(RawFd),
     #[error(transparent)]
     Tap(#[from] TapError),
 }
@@ -179,8 +181,12 @@ impl FromStr for NicSpec {
                 value
                     .parse::<RawFd>()
                     .ok()
-                    .filter(|fd| *fd >= 0)
-                    .ok_or_else(|| bad(format!("fd={value} is not a file descriptor number")))?,
+                    .filter(|fd| *fd > 2)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "fd={value}: give a descriptor number of 3 or more (0-2 are Tapir's own stdio)"
+                        ))
+                    })?,
             ),
             _ => {
                 return Err(bad(format!(
@@ -222,21 +228,63 @@ impl Default for OpenOptions {
     }
 }
 
-/// A macvtap Tapir created; deleted on drop.
+/// A macvtap Tapir created; deleted on drop (by index once known, by name before).
 #[derive(Debug)]
 struct CreatedLink {
-    index: u32,
+    index: Option<u32>,
     name: String,
 }
 
 impl Drop for CreatedLink {
     fn drop(&mut self) {
-        let result = Rtnl::open().and_then(|mut rtnl| rtnl.delete_link(self.index));
+        let result = Rtnl::open().and_then(|mut rtnl| match self.index {
+            Some(index) => rtnl.delete_link(index),
+            None => rtnl.delete_link_by_name(&self.name),
+        });
         match result {
             Ok(()) => log::debug!("deleted macvtap {}", self.name),
-            Err(e) => log::error!("deleting macvtap {} (#{}): {e}", self.name, self.index),
+            Err(e) => log::error!("deleting macvtap {}: {e}", self.name),
         }
     }
+}
+
+/// Prefix of the macvtaps Tapir creates: `tpr<pid>n<counter>`, so that a later Tapir can tell
+/// those of a process that is gone (killed with SIGKILL, say) and remove them.
+const LINK_PREFIX: &str = "tpr";
+
+/// The process that created macvtap `name`, if Tapir named it.
+pub fn link_owner(name: &str) -> Option<u32> {
+    let (pid, counter) = name.strip_prefix(LINK_PREFIX)?.split_once('n')?;
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(pid) || !all_digits(counter) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the macvtaps in this network namespace that a Tapir process created and did not get
+/// to delete (it was killed); those of running processes stay. Returns the names removed.
+pub fn sweep_stale_links() -> Result<Vec<String>, NicError> {
+    let netlink_err = |source| NicError::Netlink {
+        iface: "the macvtaps of earlier runs".into(),
+        source,
+    };
+    let mut rtnl = Rtnl::open().map_err(netlink_err)?;
+    let mut removed = Vec::new();
+    for link in rtnl.links().map_err(netlink_err)? {
+        let Some(pid) = link_owner(&link.name) else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if link.kind.as_deref() != Some("macvtap") || alive {
+            continue;
+        }
+        match rtnl.delete_link(link.index) {
+            Ok(()) => removed.push(link.name),
+            Err(e) => log::warn!("removing {}, left by process {pid}: {e}", link.name),
+        }
+    }
+    Ok(removed)
 }
 
 /// A device node Tapir made in a private directory; removed (with the directory) on drop.
@@ -284,6 +332,14 @@ impl Nic {
                 Ok(nic)
             }
             NicKind::Link { lower, mode } => {
+                match sweep_stale_links() {
+                    Ok(removed) if !removed.is_empty() => log::warn!(
+                        "removed macvtaps left by Tapir processes that are gone: {}",
+                        removed.join(" ")
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("looking for macvtaps left by earlier runs: {e}"),
+                }
                 let lower_link = lookup(lower)?;
                 let mac = spec.mac.unwrap_or_else(MacAddr::random_local);
                 let name = opts.link_name.clone().unwrap_or_else(generated_name);
@@ -294,15 +350,17 @@ impl Nic {
                 let mut rtnl = Rtnl::open().map_err(netlink_err)?;
                 rtnl.create_macvtap(&name, lower_link.index, mac, *mode)
                     .map_err(netlink_err)?;
+                // From here on the guard deletes the macvtap, also when looking it up or opening
+                // it fails.
+                let mut created = CreatedLink {
+                    index: None,
+                    name: name.clone(),
+                };
                 let link = rtnl
                     .link_by_name(&name)
                     .map_err(netlink_err)?
                     .ok_or_else(|| NicError::NoSuchLink(name.clone()))?;
-                // From here on the guard deletes the macvtap, also when opening it fails.
-                let created = CreatedLink {
-                    index: link.index,
-                    name: name.clone(),
-                };
+                created.index = Some(link.index);
                 log::info!("created macvtap {name} ({mac}, {mode:?}) on {lower}");
                 let mut nic = open_macvtap(&link, spec.queues, opts)?;
                 nic.created = Some(created);
@@ -330,7 +388,14 @@ impl Nic {
                 })
             }
             NicKind::Fd(fd) => {
-                // SAFETY: the user handed this fd to Tapir for this NIC; nothing else in Tapir owns it.
+                // Taking ownership of a descriptor that is not open would close whatever gets
+                // that number later (and abort debug builds).
+                // SAFETY: F_GETFD only inspects the descriptor table.
+                if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                    return Err(NicError::FdNotOpen(*fd));
+                }
+                // SAFETY: the user handed this open fd to Tapir for this NIC; nothing else in
+                // Tapir owns it.
                 let owned = unsafe { crate::tap::owned_fd_from_raw(*fd) };
                 let queue = TapQueue::from_fd(owned)?;
                 let iface = queue.iface().to_string();
@@ -416,7 +481,7 @@ fn lookup(name: &str) -> Result<Link, NicError> {
 fn generated_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
-        "tpr{}n{}",
+        "{LINK_PREFIX}{}n{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
@@ -685,8 +750,10 @@ mod tests {
             ("macvtap=mvt0,speed=10", "unknown option"),
             ("macvtap=mvt0,mac", "not KEY=VALUE"),
             ("macvtap=averyveryverylongname", "longer than 15"),
-            ("fd=-1", "not a file descriptor"),
-            ("fd=three", "not a file descriptor"),
+            ("fd=-1", "descriptor number of 3 or more"),
+            ("fd=three", "descriptor number of 3 or more"),
+            ("fd=0", "Tapir's own stdio"),
+            ("fd=2", "Tapir's own stdio"),
             ("fd=3,queues=2", "hands over one queue"),
         ];
         for (text, why) in cases {
@@ -703,5 +770,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn tapir_named_links_tell_their_owner() {
+        assert_eq!(link_owner("tpr1234n0"), Some(1234));
+        assert_eq!(link_owner("tpr77n12"), Some(77));
+        for other in [
+            "mvt0", "tpr", "tprn0", "tpr12", "tpr12n", "tprxn0", "tpr1n2x", "xtpr1n0",
+        ] {
+            assert_eq!(link_owner(other), None, "{other}");
+        }
+        assert_eq!(link_owner(&generated_name()), Some(std::process::id()));
+    }
+
+    #[test]
+    fn an_fd_that_is_not_open_is_refused_not_closed() {
+        // Past any descriptor this test process has open.
+        let err = Nic::open(&ok("fd=1000000"), &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, NicError::FdNotOpen(1000000)), "{err}");
     }
 }

@@ -364,6 +364,29 @@ fn host_created_macvtap_is_deleted_on_drop_and_on_failure() {
 
 #[test]
 #[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
+fn host_macvtaps_of_dead_tapir_processes_are_swept_and_others_kept() {
+    let ns = TestNs::new("sweep");
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    let dead = gone.id();
+    gone.wait().expect("wait");
+    let stale = format!("tpr{dead}n0");
+    let live = format!("tpr{}n9", std::process::id());
+    for name in [stale.as_str(), live.as_str(), "mvt0"] {
+        ip(&[
+            "-n", &ns.name, "link", "add", "link", "lower0", "name", name, "type", "macvtap",
+        ]);
+    }
+    let removed = ns.run(|| tapir_net_backend::nic::sweep_stale_links().expect("sweep"));
+    assert_eq!(removed, vec![stale.clone()]);
+    let mut left = ns.macvtaps();
+    left.sort();
+    let mut want = vec![live, "mvt0".to_string()];
+    want.sort();
+    assert_eq!(left, want, "{stale} removed, the rest kept");
+}
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
 fn host_existing_node_is_used_and_wrong_nodes_are_refused() {
     let ns = TestNs::new("nodes");
     ns.add_macvtap("mvt0");

@@ -419,6 +419,7 @@ impl VmBuilder {
         let output = GuestOutput::new(self.console, latch.clone()).map_err(Self::io(format!(
             "opening the console output {console_desc}"
         )))?;
+        let console_out = output.queue();
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating the serial irqfd"))?;
         vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
@@ -529,6 +530,7 @@ impl VmBuilder {
             serial,
             serial_room,
             console_input,
+            console_out,
             shared,
             clock,
         })

@@ -1,13 +1,20 @@
 //! The guest's serial console on the host side: where its output goes (and the watch for a kernel
 //! panic in it), and how the user's input reaches it (raw terminal, the Ctrl-A x escape, and a
 //! feeder that waits for room in the UART's FIFO instead of dropping bytes).
+//!
+//! Output never blocks the vCPU that writes the UART: bytes go to a bounded queue that a thread of
+//! its own ("tapir-console-out") writes to the sink. A sink that stalls (a terminal on hold, a
+//! pipe nobody reads) costs the guest the bytes that do not fit ([`OUTPUT_QUEUE`]), counted, never
+//! a vCPU stuck inside the serial port's lock.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tapir_devices::bus::lock;
 use tapir_devices::legacy::SerialPort;
@@ -65,14 +72,106 @@ pub fn classify(line: &str) -> Option<PanicLine<'_>> {
     }
 }
 
-/// The serial port's writer: forwards the guest's output to the sink and watches it for a panic.
+/// Guest output held for a slow sink; what does not fit is dropped and counted.
+pub const OUTPUT_QUEUE: usize = 256 * 1024;
+
+#[derive(Default)]
+struct QueueState {
+    bytes: VecDeque<u8>,
+    /// The writer thread holds bytes it took and has not finished writing.
+    writing: bool,
+    closed: bool,
+    dropped: u64,
+}
+
+/// The bounded queue between the UART and the thread that writes the sink.
+#[derive(Default)]
+pub(crate) struct OutputQueue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+impl OutputQueue {
+    fn push(&self, bytes: &[u8]) {
+        let mut st = lock(&self.state);
+        let room = OUTPUT_QUEUE.saturating_sub(st.bytes.len());
+        let (fits, rest) = bytes.split_at(room.min(bytes.len()));
+        st.bytes.extend(fits);
+        st.dropped += rest.len() as u64;
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Waits until the sink has everything written so far, or `timeout` passed; true when drained.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        while !st.bytes.is_empty() || st.writing {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            st = match self.changed.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Bytes dropped because the sink did not keep up.
+    pub fn dropped(&self) -> u64 {
+        lock(&self.state).dropped
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
+
+    /// The writer thread's loop: everything queued goes to `sink`, until closed and empty.
+    fn serve(&self, mut sink: Box<dyn Write + Send>) {
+        let mut chunk = Vec::with_capacity(OUTPUT_QUEUE);
+        let mut sink_ok = true;
+        loop {
+            {
+                let mut st = lock(&self.state);
+                st.writing = false;
+                self.changed.notify_all();
+                while st.bytes.is_empty() && !st.closed {
+                    st = match self.changed.wait(st) {
+                        Ok(st) => st,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                }
+                if st.bytes.is_empty() {
+                    return;
+                }
+                chunk.clear();
+                chunk.extend(st.bytes.drain(..));
+                st.writing = true;
+            }
+            // A sink that failed once (closed pipe, full disk) is not retried for every byte.
+            if sink_ok {
+                sink_ok = sink.write_all(&chunk).and_then(|()| sink.flush()).is_ok();
+                if !sink_ok {
+                    log::warn!(
+                        "console output: the sink refused a write; output is dropped from now on"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The serial port's writer: watches the guest's output for a panic and queues it for the sink.
 pub(crate) struct GuestOutput {
-    sink: Option<Box<dyn Write + Send>>,
+    queue: Option<Arc<OutputQueue>>,
     line: Vec<u8>,
     latch: Arc<ExitLatch>,
 }
 
 impl GuestOutput {
+    /// The output for `console`, with its writer thread when there is a sink.
     pub fn new(console: Console, latch: Arc<ExitLatch>) -> io::Result<Self> {
         let sink: Option<Box<dyn Write + Send>> = match console {
             Console::Stdio => Some(Box::new(io::stdout())),
@@ -80,11 +179,27 @@ impl GuestOutput {
             Console::File(path) => Some(Box::new(File::create(path)?)),
             Console::Writer(w) => Some(w),
         };
+        let queue = match sink {
+            Some(sink) => {
+                let queue = Arc::new(OutputQueue::default());
+                let served = queue.clone();
+                std::thread::Builder::new()
+                    .name("tapir-console-out".into())
+                    .spawn(move || served.serve(sink))?;
+                Some(queue)
+            }
+            None => None,
+        };
         Ok(Self {
-            sink,
+            queue,
             line: Vec::with_capacity(MAX_LINE),
             latch,
         })
+    }
+
+    /// The queue to the sink, to drain it when the VM stops.
+    pub fn queue(&self) -> Option<Arc<OutputQueue>> {
+        self.queue.clone()
     }
 
     fn watch(&mut self, bytes: &[u8]) {
@@ -110,17 +225,25 @@ impl GuestOutput {
     }
 }
 
+impl Drop for GuestOutput {
+    fn drop(&mut self) {
+        if let Some(q) = &self.queue {
+            q.close();
+        }
+    }
+}
+
 impl Write for GuestOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.watch(buf);
-        match &mut self.sink {
-            Some(sink) => sink.write_all(buf).map(|_| buf.len()),
-            None => Ok(buf.len()),
+        if let Some(q) = &self.queue {
+            q.push(buf);
         }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.sink.as_mut().map_or(Ok(()), |s| s.flush())
+        Ok(())
     }
 }
 
@@ -348,6 +471,41 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_sink_never_blocks_the_writer_and_drops_what_does_not_fit() {
+        /// A sink that blocks forever once written to.
+        struct Stalled(Arc<std::sync::Barrier>);
+        impl Write for Stalled {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                self.0.wait();
+                loop {
+                    std::thread::park();
+                }
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let entered = Arc::new(std::sync::Barrier::new(2));
+        let latch = Arc::new(ExitLatch::new().unwrap());
+        let mut out =
+            GuestOutput::new(Console::Writer(Box::new(Stalled(entered.clone()))), latch).unwrap();
+        out.write_all(b"x").unwrap();
+        entered.wait(); // the writer thread is stuck in the sink now
+        let t = Instant::now();
+        let chunk = [b'y'; 4096];
+        for _ in 0..(2 * OUTPUT_QUEUE / chunk.len()) {
+            out.write_all(&chunk).unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let q = out.queue().unwrap();
+        assert_eq!(q.dropped(), OUTPUT_QUEUE as u64);
+        assert!(
+            !q.drain(Duration::from_millis(50)),
+            "a stalled sink never drains"
+        );
+    }
+
+    #[test]
     fn output_reaches_the_sink_and_a_panic_end_stops_the_vm() {
         #[derive(Clone, Default)]
         struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -375,6 +533,7 @@ mod tests {
         );
         out.write_all(b"---[ end Kernel panic - not syncing: oops ]---\r\n")
             .unwrap();
+        assert!(out.queue().unwrap().drain(Duration::from_secs(5)));
         assert_eq!(
             latch.reason(),
             Some(ExitReason::GuestPanic {

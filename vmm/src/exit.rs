@@ -27,6 +27,8 @@ pub enum ExitReason {
     TripleFault { vcpu: u8 },
     /// A vCPU stopped on an exit Tapir does not handle, or KVM_RUN failed.
     VcpuFailed { vcpu: u8, exit: String },
+    /// The device thread ended on its own (its event loop failed).
+    DevicesFailed,
 }
 
 impl ExitReason {
@@ -54,6 +56,7 @@ impl fmt::Display for ExitReason {
                 write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN)")
             }
             Self::VcpuFailed { vcpu, exit } => write!(f, "vCPU {vcpu}: {exit}"),
+            Self::DevicesFailed => write!(f, "the device thread ended on its own"),
         }
     }
 }

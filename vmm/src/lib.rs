@@ -28,6 +28,7 @@
 
 mod builder;
 mod console;
+mod device_loop;
 mod exit;
 pub mod kvm_stats;
 mod loader;

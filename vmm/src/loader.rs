@@ -39,6 +39,12 @@ pub enum LoadError {
     },
     #[error("{path} is a bzImage without a 64-bit entry point (32-bit kernel?)")]
     No64BitEntry { path: PathBuf },
+    #[error("{path}: the bzImage's header asks for {init_size:#x} bytes at {pref_address:#x}, past the end of the address space")]
+    BadLayout {
+        path: PathBuf,
+        pref_address: u64,
+        init_size: u32,
+    },
     #[error("placing the initramfs {path}")]
     InitrdTooLarge {
         path: PathBuf,
@@ -92,6 +98,12 @@ fn open(what: &'static str, path: &Path) -> Result<File, LoadError> {
     })
 }
 
+/// The end of what a bzImage's decompressor works in, [pref_address, pref_address + init_size);
+/// None when a bad header puts it past the end of the address space.
+fn decompressed_end(header: &setup_header) -> Option<u64> {
+    header.pref_address.checked_add(u64::from(header.init_size))
+}
+
 /// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -133,13 +145,20 @@ pub fn load_kernel(
                     path: path.to_owned(),
                 });
             }
-            // The decompressor works in [pref_address, pref_address + init_size).
-            let decompressed_end = header.pref_address + u64::from(header.init_size);
+            let decompressed_end =
+                decompressed_end(&header).ok_or_else(|| LoadError::BadLayout {
+                    path: path.to_owned(),
+                    pref_address: header.pref_address,
+                    init_size: header.init_size,
+                })?;
             Ok(LoadedKernel {
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY,
                 header: Some(header),
                 end: r.kernel_end.max(decompressed_end),
-                cmdline_max: (header.cmdline_size > 0).then_some(header.cmdline_size as usize + 1),
+                cmdline_max: (header.cmdline_size > 0)
+                    .then(|| usize::try_from(header.cmdline_size).ok())
+                    .flatten()
+                    .and_then(|n| n.checked_add(1)),
             })
         }
     }
@@ -196,5 +215,21 @@ mod tests {
             None,
             "truncated before the magic"
         );
+    }
+
+    #[test]
+    fn a_bzimage_header_that_overflows_the_address_space_is_refused() {
+        let ok = setup_header {
+            pref_address: 0x100_0000,
+            init_size: 0x200_0000,
+            ..Default::default()
+        };
+        assert_eq!(decompressed_end(&ok), Some(0x300_0000));
+        let bad = setup_header {
+            pref_address: u64::MAX - 0x1000,
+            init_size: 0x200_0000,
+            ..Default::default()
+        };
+        assert_eq!(decompressed_end(&bad), None);
     }
 }

@@ -197,12 +197,18 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     for spec in args.nets {
         builder = builder.net(spec);
     }
-    let vm = builder.build()?;
-    let stop = vm.stop_handle();
-    STOP_FD.store(stop.as_raw_fd(), Ordering::Relaxed);
+    // The stop signals are caught before any host state exists (a macvtap for link=, a device
+    // node): a signal during set-up lets it finish and then stops the VM at once, so everything
+    // is removed as on any other stop.
     for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
             .map_err(|e| format!("installing the {} handler: {e}", signal_name(signal)))?;
+    }
+    let vm = builder.build()?;
+    let stop = vm.stop_handle();
+    STOP_FD.store(stop.as_raw_fd(), Ordering::Relaxed);
+    if STOP_SIGNAL.load(Ordering::Relaxed) != 0 {
+        stop.stop();
     }
     let report = vm.run()?;
     STOP_FD.store(-1, Ordering::Relaxed);

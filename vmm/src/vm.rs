@@ -1,6 +1,6 @@
-//! A built VM and its run loop: vCPU threads, the console input feeder, and the main thread's
-//! event loop that waits for a stop reason, watches for a powered-off guest, and then stops and
-//! joins every thread before returning.
+//! A built VM and its run loop: vCPU threads, the device thread, the console input feeder, and
+//! the main thread's event loop that waits for a stop reason, watches for a powered-off guest,
+//! and then stops and joins every thread before returning (none of them for longer than a bound).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -19,7 +19,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::BOOT_TIMER_TARGET;
-use crate::console::{InputPump, RawTerminal};
+use crate::console::{InputPump, OutputQueue, RawTerminal};
+use crate::device_loop::DeviceLoop;
 use crate::exit::{ExitLatch, ExitReason, RunReport};
 use crate::kvm_stats::{Stat, VcpuStats};
 use crate::vcpu::{self, Shared, Vcpu};
@@ -31,6 +32,8 @@ const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const HALT_CHECKS: u32 = 2;
 /// How long stopping may take before Tapir gives up on a vCPU thread.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest's last console output may take to reach its sink once the VM stopped.
+const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
 
 /// What can fail while the VM runs (not the guest: its failures are [`ExitReason`]s).
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,7 @@ pub(crate) struct Parts {
     pub serial: Arc<Mutex<SerialPort>>,
     pub serial_room: EventFd,
     pub console_input: bool,
+    pub console_out: Option<Arc<OutputQueue>>,
     pub shared: Arc<Shared>,
     pub clock: Arc<BootClock>,
 }
@@ -133,6 +137,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialPort>>,
     serial_room: EventFd,
     console_input: bool,
+    console_out: Option<Arc<OutputQueue>>,
     shared: Arc<Shared>,
     clock: Arc<BootClock>,
     stop: StopHandle,
@@ -188,6 +193,7 @@ impl Vm {
             serial: p.serial,
             serial_room: p.serial_room,
             console_input: p.console_input,
+            console_out: p.console_out,
             shared: p.shared,
             clock: p.clock,
             stop: StopHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
@@ -220,9 +226,8 @@ impl Vm {
             stop: self.stop.0.clone(),
             latch: latch.clone(),
         })));
-        for subscriber in self.subscribers.drain(..) {
-            events.add_subscriber(subscriber);
-        }
+        let devices = DeviceLoop::start(std::mem::take(&mut self.subscribers))
+            .map_err(io("starting the device thread"))?;
 
         // Raw mode only once the VM runs, and restored by drop on every way out of this function.
         let (_raw, _pump) = if self.console_input {
@@ -267,8 +272,20 @@ impl Vm {
             }
         }
 
-        let result = self.wait_for_stop(&mut events, &threads, &sleep);
+        let result = self.wait_for_stop(&mut events, &threads, &sleep, &devices);
         stop_vcpus(&self.shared, threads);
+        devices.stop();
+        if let Some(out) = &self.console_out {
+            if !out.drain(CONSOLE_DRAIN) {
+                log::warn!("the console's sink did not take the guest's last output in time");
+            }
+            if out.dropped() > 0 {
+                log::warn!(
+                    "{} bytes of guest console output were dropped: the sink did not keep up",
+                    out.dropped()
+                );
+            }
+        }
         result?;
         let reason = latch.reason().unwrap_or(ExitReason::Stopped);
         Ok(RunReport {
@@ -287,6 +304,7 @@ impl Vm {
         events: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
         threads: &[JoinHandle<()>],
         sleep: &SleepProbe,
+        devices: &DeviceLoop,
     ) -> Result<(), RunError> {
         let latch = &self.shared.latch;
         let halted = &self.shared.halted;
@@ -299,6 +317,10 @@ impl Vm {
                 continue;
             }
             next_check += HALT_CHECK_INTERVAL;
+            if devices.is_finished() {
+                latch.request(ExitReason::DevicesFailed);
+                continue;
+            }
             // A vCPU thread reports why it stops before it ends; one that ended silently panicked.
             if let Some(vcpu) = threads.iter().position(|t| t.is_finished()) {
                 latch.request(ExitReason::VcpuFailed {

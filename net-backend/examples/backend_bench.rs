@@ -5,13 +5,14 @@
 //!
 //! usage: backend_bench [SECONDS_PER_RUN] [ROUNDS]   (defaults 1 and 3)
 
-use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_TCPV4};
-use tapir_net_backend::{NetBackend, Nic, NicSpec, OpenOptions, TapQueue, VnetHdr, VNET_HDR_LEN};
+use tapir_net_backend::{
+    NetBackend, Nic, NicSpec, OpenOptions, SendBuf, TapQueue, VnetHdr, VNET_HDR_LEN,
+};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x79, 0x00, 0x02];
 
@@ -177,7 +178,7 @@ fn run(queue: &mut TapQueue, load: &Load, secs: f64, plain: bool) -> (f64, f64) 
                 n > 0
             } else {
                 matches!(
-                    queue.write_frame(&[IoSlice::new(&load.hdr), IoSlice::new(&load.frame)]),
+                    queue.write_frame(&[SendBuf::new(&load.hdr), SendBuf::new(&load.frame)]),
                     Ok(Some(_))
                 )
             };

@@ -4,7 +4,7 @@
 //! The virtio-net device in `tapir-devices` sees a queue only through [`NetBackend`]; this crate knows
 //! nothing of guests, queues of descriptors or KVM.
 
-mod iov;
+pub mod iov;
 pub mod mac;
 pub mod netlink;
 pub mod nic;
@@ -13,9 +13,9 @@ pub mod socketpair;
 pub mod tap;
 pub mod vnet;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 
+pub use iov::{RecvBuf, SendBuf};
 pub use mac::MacAddr;
 pub use netlink::MacvtapMode;
 pub use nic::{Nic, NicError, NicSpec, OpenOptions};
@@ -31,10 +31,10 @@ pub trait NetBackend: AsRawFd + Send {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Reads one frame, vnet header included, scattered over `bufs`. Returns its length.
-    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<Option<usize>, Self::Error>;
+    fn read_frame(&mut self, bufs: &[RecvBuf<'_>]) -> Result<Option<usize>, Self::Error>;
 
     /// Writes one frame, vnet header included, gathered from `bufs`. Returns the bytes taken.
-    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> Result<Option<usize>, Self::Error>;
+    fn write_frame(&mut self, bufs: &[SendBuf<'_>]) -> Result<Option<usize>, Self::Error>;
 
     /// Lets the host hand the guest frames with these TUN_F_* offloads (see [`offload`]); returns the
     /// flags actually set, which may lack some that the host refused.

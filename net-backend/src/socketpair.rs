@@ -1,11 +1,11 @@
 //! A [`NetBackend`] on one end of a `SOCK_SEQPACKET` socketpair, for unit tests of the device: the test
 //! holds the other end and sees every frame (vnet header included) as one datagram.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
-use crate::NetBackend;
+use crate::{NetBackend, RecvBuf, SendBuf};
 
 /// The device's end of the pair. Records the offloads it was asked for, as a tap would apply them.
 #[derive(Debug)]
@@ -51,11 +51,11 @@ impl SocketpairBackend {
 impl NetBackend for SocketpairBackend {
     type Error = io::Error;
 
-    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<Option<usize>> {
+    fn read_frame(&mut self, bufs: &[RecvBuf<'_>]) -> io::Result<Option<usize>> {
         crate::iov::readv(&self.fd, bufs)
     }
 
-    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<Option<usize>> {
+    fn write_frame(&mut self, bufs: &[SendBuf<'_>]) -> io::Result<Option<usize>> {
         crate::iov::writev(&self.fd, bufs)
     }
 
@@ -89,25 +89,23 @@ mod tests {
         let mut b = [0u8; 64];
         assert_eq!(
             backend
-                .read_frame(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+                .read_frame(&[RecvBuf::new(&mut a), RecvBuf::new(&mut b)])
                 .expect("read"),
             None
         );
         peer.send(b"0123456789").expect("send");
         peer.send(b"xy").expect("send");
         let n = backend
-            .read_frame(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .read_frame(&[RecvBuf::new(&mut a), RecvBuf::new(&mut b)])
             .expect("read");
         assert_eq!(n, Some(10));
         assert_eq!(&a, b"0123");
         assert_eq!(&b[..6], b"456789");
-        let n = backend
-            .read_frame(&mut [IoSliceMut::new(&mut b)])
-            .expect("read");
+        let n = backend.read_frame(&[RecvBuf::new(&mut b)]).expect("read");
         assert_eq!(n, Some(2));
 
         let sent = backend
-            .write_frame(&[IoSlice::new(b"head"), IoSlice::new(b"-body")])
+            .write_frame(&[SendBuf::new(b"head"), SendBuf::new(b"-body")])
             .expect("write");
         assert_eq!(sent, Some(9));
         let mut got = [0u8; 32];

@@ -3,7 +3,7 @@
 //! the backend's syscalls live.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -13,7 +13,7 @@ use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 
 use crate::offload::{TUN_F_ALL, TUN_F_UFO};
 use crate::vnet::VNET_HDR_LEN;
-use crate::NetBackend;
+use crate::{NetBackend, RecvBuf, SendBuf};
 
 const TUNTAP: u32 = b'T' as u32;
 ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, libc::c_int);
@@ -306,14 +306,14 @@ fn set_nonblocking(file: &File) -> io::Result<()> {
 impl NetBackend for TapQueue {
     type Error = TapError;
 
-    fn read_frame(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<Option<usize>, TapError> {
+    fn read_frame(&mut self, bufs: &[RecvBuf<'_>]) -> Result<Option<usize>, TapError> {
         crate::iov::readv(&self.file, bufs).map_err(|source| TapError::Read {
             iface: self.iface.clone(),
             source,
         })
     }
 
-    fn write_frame(&mut self, bufs: &[IoSlice<'_>]) -> Result<Option<usize>, TapError> {
+    fn write_frame(&mut self, bufs: &[SendBuf<'_>]) -> Result<Option<usize>, TapError> {
         let fail = |source| TapError::Write {
             iface: self.iface.clone(),
             source,

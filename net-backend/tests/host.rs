@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -13,7 +12,8 @@ use common::*;
 use tapir_net_backend::offload::TUN_F_CSUM;
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 use tapir_net_backend::{
-    MacAddr, NetBackend, Nic, NicError, NicSpec, OpenOptions, TapQueue, VnetHdr, VNET_HDR_LEN,
+    MacAddr, NetBackend, Nic, NicError, NicSpec, OpenOptions, RecvBuf, SendBuf, TapQueue, VnetHdr,
+    VNET_HDR_LEN,
 };
 
 fn opts(ns: &TestNs) -> OpenOptions {
@@ -33,7 +33,7 @@ fn spec(text: &str) -> NicSpec {
 fn write(queue: &mut TapQueue, hdr: VnetHdr, frame: &[u8]) {
     let bytes = hdr.to_bytes();
     let n = queue
-        .write_frame(&[IoSlice::new(&bytes), IoSlice::new(frame)])
+        .write_frame(&[SendBuf::new(&bytes), SendBuf::new(frame)])
         .expect("writev to the macvtap")
         .expect("the macvtap would block");
     assert_eq!(n, VNET_HDR_LEN + frame.len());
@@ -52,7 +52,7 @@ fn read_until(
     let mut body = vec![0u8; 65_600];
     while out.len() < want && Instant::now() < deadline {
         match queue
-            .read_frame(&mut [IoSliceMut::new(&mut hdr), IoSliceMut::new(&mut body)])
+            .read_frame(&[RecvBuf::new(&mut hdr), RecvBuf::new(&mut body)])
             .expect("readv from the macvtap")
         {
             Some(n) => {
@@ -500,7 +500,7 @@ fn host_ready_fd_of_a_macvtap_is_accepted() {
         let mut buf = [0u8; 2048];
         let idle = (0..1000).any(|_| {
             nic.queues_mut()[0]
-                .read_frame(&mut [IoSliceMut::new(&mut buf)])
+                .read_frame(&[RecvBuf::new(&mut buf)])
                 .expect("read")
                 .is_none()
         });
@@ -543,7 +543,7 @@ fn host_a_full_queue_wakes_an_edge_triggered_epoll_once_it_drains() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut sent = 0;
         while queue
-            .write_frame(&[IoSlice::new(&hdr), IoSlice::new(&frame)])
+            .write_frame(&[SendBuf::new(&hdr), SendBuf::new(&frame)])
             .expect("writev")
             .is_some()
         {

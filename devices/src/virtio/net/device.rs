@@ -5,10 +5,9 @@
 //! Queues follow the virtio-net layout: receiveq1, transmitq1, ... receiveqN, transmitqN, and with
 //! several pairs a control queue last. Pair `p` is served by backend `p` (one macvtap queue each).
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
-use tapir_net_backend::{offload, NetBackend};
+use tapir_net_backend::{offload, NetBackend, RecvBuf, SendBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueT};
@@ -93,8 +92,8 @@ pub struct Net<B: NetBackend> {
     /// One bit per queue index.
     pub(super) resched: u64,
     // Scratch space reused for every frame.
-    pub(super) rx_iov: Vec<IoSliceMut<'static>>,
-    pub(super) tx_iov: Vec<IoSlice<'static>>,
+    pub(super) rx_iov: Vec<RecvBuf<'static>>,
+    pub(super) tx_iov: Vec<SendBuf<'static>>,
     pub(super) rx_hdr_bufs: Vec<(GuestAddress, u32)>,
 }
 

@@ -2,8 +2,7 @@
 //! guest's bad descriptor chain from reaching the host: direction and bounds (loops and length:
 //! `virtio::queue::descriptors`).
 
-use std::io::{IoSlice, IoSliceMut};
-
+use tapir_net_backend::{RecvBuf, SendBuf};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -46,15 +45,14 @@ pub fn writable(
 pub fn push_writable<'m>(
     mem: &'m GuestMemoryMmap,
     (addr, len): (GuestAddress, u32),
-    out: &mut Vec<IoSliceMut<'m>>,
+    out: &mut Vec<RecvBuf<'m>>,
 ) -> Result<(), Malformed> {
     let (ptr, len) = host_ptr(mem, addr, len)?;
     // SAFETY: `get_slice` checked that [ptr, ptr + len) lies inside one mapped region of `mem`,
-    // which outlives 'm. The slice is only handed to readv; Rust code never reads it, so the guest
-    // changing it concurrently (or aliasing buffers) cannot break any invariant of ours.
-    out.push(IoSliceMut::new(unsafe {
-        std::slice::from_raw_parts_mut(ptr, len)
-    }));
+    // which outlives 'm. Guest memory is reached only through raw pointers and vm-memory's
+    // volatile accessors, never a Rust reference, so the guest changing it concurrently or
+    // handing the same bytes twice breaks no aliasing rule.
+    out.push(unsafe { RecvBuf::from_raw(ptr, len) });
     Ok(())
 }
 
@@ -63,7 +61,7 @@ pub fn push_writable<'m>(
 pub fn push_readable<'m>(
     mem: &'m GuestMemoryMmap,
     desc: &Descriptor,
-    out: &mut Vec<IoSlice<'m>>,
+    out: &mut Vec<SendBuf<'m>>,
     offset: usize,
     hdr: &mut [u8],
 ) -> Result<usize, Malformed> {
@@ -76,10 +74,8 @@ pub fn push_readable<'m>(
         mem.read_slice(&mut hdr[offset..offset + n], desc.addr())
             .map_err(|_| Malformed::OutsideMemory)?;
     }
-    // SAFETY: as in push_writable; this slice is only handed to writev.
-    out.push(IoSlice::new(unsafe {
-        std::slice::from_raw_parts(ptr, len)
-    }));
+    // SAFETY: as in push_writable; this buffer is only handed to writev.
+    out.push(unsafe { SendBuf::from_raw(ptr, len) });
     Ok(len)
 }
 

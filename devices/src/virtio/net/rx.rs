@@ -187,7 +187,7 @@ impl<B: NetBackend> Net<B> {
                 used_any = true;
                 continue;
             }
-            let result = slot.backend.read_frame(&mut iov);
+            let result = slot.backend.read_frame(&iov);
             self.rx_iov = recycle(iov);
             match result {
                 Ok(Some(n)) => {

@@ -46,5 +46,11 @@ pub use loader::LoadError;
 pub use tapir_net_backend::NicSpec;
 pub use vm::{NetInfo, RunError, StopHandle, Vm};
 
+/// The loader's entry points, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::loader::{load_initrd, load_kernel, LoadedKernel};
+}
+
 pub use tapir_devices;
 pub use tapir_net_backend;

@@ -78,10 +78,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
             self.process_ctrl();
         } else if token == YIELD {
             let _ = self.yield_evt.read();
-            let queues = std::mem::take(&mut self.resched);
-            for index in (0..64usize).filter(|i| queues & (1 << i) != 0) {
-                self.process_queue(index);
-            }
+            self.serve_yielded();
         } else if token >= BACKEND {
             let p = (token - BACKEND) as usize;
             let set = events.event_set();
@@ -114,8 +111,16 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
 }
 
 impl<B: NetBackend> Net<B> {
+    /// Another pass over each queue whose last pass used its budget.
+    pub(super) fn serve_yielded(&mut self) {
+        let queues = std::mem::take(&mut self.resched);
+        for index in (0..64usize).filter(|i| queues & (1 << i) != 0) {
+            self.process_queue(index);
+        }
+    }
+
     /// One pass over queue `index`.
-    fn process_queue(&mut self, index: usize) {
+    pub(super) fn process_queue(&mut self, index: usize) {
         if Some(index) == self.ctrl_index() {
             self.process_ctrl();
         } else if index % 2 == 0 {
@@ -123,5 +128,47 @@ impl<B: NetBackend> Net<B> {
         } else {
             self.process_tx(index / 2);
         }
+    }
+}
+
+/// What the event loop does, callable without one: for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+impl<B: NetBackend> Net<B> {
+    /// A notification of queue `index` (what the guest's QueueNotify write causes).
+    pub fn fuzz_notify(&mut self, index: usize) {
+        if index < self.queue_evts.len() {
+            self.process_queue(index);
+        }
+    }
+
+    /// Pair `pair`'s backend became readable.
+    pub fn fuzz_backend_readable(&mut self, pair: usize) {
+        if let Some(p) = self.pairs.get_mut(pair) {
+            p.rx_pending = true;
+            self.process_rx(pair);
+        }
+    }
+
+    /// Pair `pair`'s backend became writable.
+    pub fn fuzz_backend_writable(&mut self, pair: usize) {
+        if let Some(p) = self.pairs.get_mut(pair).filter(|p| p.tx_blocked) {
+            p.tx_blocked = false;
+            self.process_tx(pair);
+        }
+    }
+
+    /// The yield eventfd fired.
+    pub fn fuzz_yield(&mut self) {
+        let _ = self.yield_evt.read();
+        self.serve_yielded();
+    }
+
+    /// Host memory the device holds for RX, in buffers: (stashed buffers, scratch iovec capacity).
+    pub fn fuzz_rx_holdings(&self) -> (usize, usize) {
+        let stashed = self
+            .active
+            .as_ref()
+            .map_or(0, |a| a.pairs.iter().map(|p| p.rx_stash.buffers()).sum());
+        (stashed, self.rx_iov.capacity())
     }
 }

@@ -52,9 +52,10 @@ pub(super) struct RxStash {
     room: usize,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl RxStash {
     /// Chains held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.chains.len()
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tapir_net_backend::{offload, NetBackend, RecvBuf, SendBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -323,10 +323,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
                 want: self.queue_sizes.len(),
             });
         }
-        // Pairs the driver does not use yet may stay unset; the first pair and the control queue
-        // must be there.
+        // Pairs the driver does not use yet may stay unset; the first pair must be there, and the
+        // control queue when the driver took VIRTIO_NET_F_CTRL_VQ (without it there is none).
+        let ctrl_acked = self.acked_features & (1 << VIRTIO_NET_F_CTRL_VQ) != 0;
         for (i, q) in queues.iter().enumerate() {
-            if !usable(q, &mem) && (i < 2 || Some(i) == self.ctrl_index()) {
+            if !usable(q, &mem) && (i < 2 || (ctrl_acked && Some(i) == self.ctrl_index())) {
                 return Err(ActivateError::BadQueue(i));
             }
         }
@@ -362,7 +363,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             mem,
             interrupt,
             pairs,
-            ctrl: queues.next(),
+            ctrl: queues.next().filter(|_| ctrl_acked),
             mrg_rxbuf: self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_frame_max: rx_frame_max(self.acked_features, self.mtu),
         });

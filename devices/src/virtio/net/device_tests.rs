@@ -376,7 +376,8 @@ fn control_commands_out_of_range_or_unknown_are_refused() {
     assert_eq!(h.used(CTRL).len(), 6);
 
     let mut h = Harness::with_pairs(TUN_F_ALL, 2);
-    h.start(V1); // MQ not acked: pairs stay at one
+    h.start(V1 | bit(VIRTIO_NET_F_CTRL_VQ)); // MQ not acked: pairs stay at one
     let ack = control(&mut h, &[4, 0, 2, 0]);
     assert_eq!(h.read(ack, 1), [1]);
+    assert_eq!(h.net.pairs_in_use(), 1);
 }

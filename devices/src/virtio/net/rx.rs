@@ -9,9 +9,10 @@
 //! fills them: each chain is walked once, however many reads it is offered to. (Taking them anew for
 //! each frame and putting back the unused ones cost a small frame some 40 chain walks.)
 //!
-//! The stash holds at most [`MAX_CHAIN_BUFFERS`] buffers, whatever the guest posts: a guest of tiny
-//! buffers behind huge indirect tables gets reads of at most that many buffers, and the host's
-//! memory for RX stays a few KiB per queue pair.
+//! A read is offered at most [`MAX_CHAIN_BUFFERS`] buffers (whole chains), and the stash tops up
+//! only while it holds fewer, so it never holds more than twice that, whatever the guest posts: a
+//! guest of tiny buffers behind huge indirect tables gets reads of at most that many buffers, each
+//! chain is still walked once, and the host's memory for RX stays a few KiB per queue pair.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -141,12 +142,6 @@ impl<B: NetBackend> Net<B> {
                     continue;
                 }
                 let nbufs = stash.bufs.len() - before;
-                if stash.bufs.len() > MAX_CHAIN_BUFFERS && !stash.chains.is_empty() {
-                    // No room for this chain's buffers in one read: it waits for the next read.
-                    stash.bufs.truncate(before);
-                    rx.go_to_previous_position();
-                    break;
-                }
                 stash.chains.push_back(Stashed {
                     head,
                     len,
@@ -168,9 +163,17 @@ impl<B: NetBackend> Net<B> {
                 break Pass::Done;
             }
 
+            // The chains whose buffers fit one readv; a chain past that waits for the next read.
+            let mut offered = 0;
+            for chain in &stash.chains {
+                if offered > 0 && offered + chain.bufs > MAX_CHAIN_BUFFERS {
+                    break;
+                }
+                offered += chain.bufs;
+            }
             let mut iov = recycle(std::mem::take(&mut self.rx_iov));
             let mut outside = false;
-            for buf in &stash.bufs {
+            for buf in stash.bufs.iter().take(offered) {
                 outside |= push_writable(mem, *buf, &mut iov).is_err();
             }
             if outside {

@@ -25,6 +25,7 @@ fn guest_initramfs_holds_what_init_needs() {
         "bin/sh",
         "bin/mount",
         "bin/tapir-mark",
+        "bin/tapir-hostile",
         "bin/ping",
         "usr/bin/nc",
         "usr/bin/wget",

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_NONE};
 use tapir_net_backend::NetBackend;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::counters::NetCounters;

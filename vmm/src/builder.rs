@@ -28,6 +28,7 @@ use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
 use crate::console::{Console, GuestOutput};
 use crate::exit::{ExitLatch, ExitReason};
 use crate::loader::{self, LoadError};
+use crate::seccomp::{Filters, Seccomp, SeccompError};
 use crate::vcpu::Shared;
 use crate::vm::{BootClock, NetInfo, Vm};
 
@@ -116,6 +117,8 @@ pub enum BuildError {
         #[source]
         source: NicError,
     },
+    #[error("setting up the sandbox")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// A long command line, shortened for a message.
@@ -177,6 +180,7 @@ pub struct VmBuilder {
     start: Instant,
     kvm_path: PathBuf,
     nets: Vec<NicSpec>,
+    seccomp: Seccomp,
 }
 
 impl VmBuilder {
@@ -193,6 +197,7 @@ impl VmBuilder {
             start: Instant::now(),
             kvm_path: "/dev/kvm".into(),
             nets: Vec::new(),
+            seccomp: Seccomp::default(),
         }
     }
 
@@ -238,6 +243,13 @@ impl VmBuilder {
     /// passes its own start.
     pub fn start_instant(mut self, start: Instant) -> Self {
         self.start = start;
+        self
+    }
+
+    /// Which threads run under a seccomp allow-list once the VM runs (default: Tapir's own,
+    /// [`Seccomp::Threads`]; see the `seccomp` module's notes in the README).
+    pub fn seccomp(mut self, seccomp: Seccomp) -> Self {
+        self.seccomp = seccomp;
         self
     }
 
@@ -414,11 +426,12 @@ impl VmBuilder {
             start: self.start,
             marked: OnceLock::new(),
         });
+        let filters = Filters::new(self.seccomp)?;
         let console_input = matches!(self.console, Console::Stdio);
         let console_desc = format!("{:?}", self.console);
-        let output = GuestOutput::new(self.console, latch.clone()).map_err(Self::io(format!(
-            "opening the console output {console_desc}"
-        )))?;
+        let output = GuestOutput::new(self.console, latch.clone(), &filters).map_err(Self::io(
+            format!("opening the console output {console_desc}"),
+        ))?;
         let console_out = output.queue();
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating the serial irqfd"))?;
@@ -531,6 +544,7 @@ impl VmBuilder {
             serial_room,
             console_input,
             console_out,
+            filters,
             shared,
             clock,
         })

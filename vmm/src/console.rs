@@ -21,6 +21,7 @@ use tapir_devices::legacy::SerialPort;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitLatch, ExitReason};
+use crate::seccomp::{self, Filters, Kind};
 
 /// Where the guest's console output goes; `Stdio` also sends the host's stdin to the guest.
 pub enum Console {
@@ -171,8 +172,13 @@ pub(crate) struct GuestOutput {
 }
 
 impl GuestOutput {
-    /// The output for `console`, with its writer thread when there is a sink.
-    pub fn new(console: Console, latch: Arc<ExitLatch>) -> io::Result<Self> {
+    /// The output for `console`, with its writer thread (sandboxed by `filters`) when there is a
+    /// sink.
+    pub fn new(
+        console: Console,
+        latch: Arc<ExitLatch>,
+        filters: &Arc<Filters>,
+    ) -> io::Result<Self> {
         let sink: Option<Box<dyn Write + Send>> = match console {
             Console::Stdio => Some(Box::new(io::stdout())),
             Console::None => None,
@@ -183,9 +189,12 @@ impl GuestOutput {
             Some(sink) => {
                 let queue = Arc::new(OutputQueue::default());
                 let served = queue.clone();
-                std::thread::Builder::new()
-                    .name("tapir-console-out".into())
-                    .spawn(move || served.serve(sink))?;
+                seccomp::spawn(
+                    "tapir-console-out".into(),
+                    filters,
+                    Kind::ConsoleOut,
+                    move || served.serve(sink),
+                )?;
                 Some(queue)
             }
             None => None,
@@ -363,12 +372,15 @@ impl InputPump {
         room: EventFd,
         escapes: bool,
         latch: Arc<ExitLatch>,
+        filters: &Arc<Filters>,
     ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_fd = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("tapir-console".into())
-            .spawn(move || {
+        let thread = seccomp::spawn(
+            "tapir-console".into(),
+            filters,
+            Kind::ConsoleIn,
+            move || {
                 if let Err(e) = pump(
                     input,
                     &serial,
@@ -379,7 +391,8 @@ impl InputPump {
                 ) {
                     log::warn!("console input stopped: {e}");
                 }
-            })?;
+            },
+        )?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -449,6 +462,11 @@ fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The filters of Tapir's own threads, as the embedding API's default applies them.
+    fn sandbox() -> Arc<Filters> {
+        Filters::new(crate::Seccomp::Threads).unwrap()
+    }
     use tapir_devices::BusDevice;
 
     #[test]
@@ -487,8 +505,12 @@ mod tests {
         }
         let entered = Arc::new(std::sync::Barrier::new(2));
         let latch = Arc::new(ExitLatch::new().unwrap());
-        let mut out =
-            GuestOutput::new(Console::Writer(Box::new(Stalled(entered.clone()))), latch).unwrap();
+        let mut out = GuestOutput::new(
+            Console::Writer(Box::new(Stalled(entered.clone()))),
+            latch,
+            &sandbox(),
+        )
+        .unwrap();
         out.write_all(b"x").unwrap();
         entered.wait(); // the writer thread is stuck in the sink now
         let t = Instant::now();
@@ -520,8 +542,12 @@ mod tests {
         }
         let latch = Arc::new(ExitLatch::new().unwrap());
         let sink = Shared::default();
-        let mut out =
-            GuestOutput::new(Console::Writer(Box::new(sink.clone())), latch.clone()).unwrap();
+        let mut out = GuestOutput::new(
+            Console::Writer(Box::new(sink.clone())),
+            latch.clone(),
+            &sandbox(),
+        )
+        .unwrap();
         let text = "booting\r\n[ 2.0] Kernel panic - not syncing: oops\r\nCall Trace:\r\n";
         for b in text.bytes() {
             out.write_all(&[b]).unwrap();
@@ -550,7 +576,7 @@ mod tests {
     #[test]
     fn overlong_lines_are_cut_not_grown() {
         let latch = Arc::new(ExitLatch::new().unwrap());
-        let mut out = GuestOutput::new(Console::None, latch.clone()).unwrap();
+        let mut out = GuestOutput::new(Console::None, latch.clone(), &sandbox()).unwrap();
         out.write_all(&vec![b'a'; 10 * MAX_LINE]).unwrap();
         assert_eq!(out.line.len(), MAX_LINE);
         out.write_all(b"\n").unwrap();
@@ -591,7 +617,7 @@ mod tests {
             Box::new(io::sink()),
         )));
         let latch = Arc::new(ExitLatch::new().unwrap());
-        let pump = InputPump::start(r, serial.clone(), room, false, latch).unwrap();
+        let pump = InputPump::start(r, serial.clone(), room, false, latch, &sandbox()).unwrap();
         let input: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
         // SAFETY: writes our buffer to the pipe's write end, then closes it.
         unsafe {

@@ -13,6 +13,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{self, Filters, Kind};
+
 /// How long stopping waits for the device thread before leaving it behind.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -41,8 +43,8 @@ pub struct DeviceLoop {
 }
 
 impl DeviceLoop {
-    /// Starts a thread serving `subscribers` until [`DeviceLoop::stop`].
-    pub fn start(subscribers: Vec<Subscriber>) -> std::io::Result<Self> {
+    /// Starts a thread serving `subscribers` until [`DeviceLoop::stop`], sandboxed by `filters`.
+    pub fn start(subscribers: Vec<Subscriber>, filters: &Arc<Filters>) -> std::io::Result<Self> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let mut events = EventManager::<Subscriber>::new().map_err(std::io::Error::other)?;
         events.add_subscriber(Arc::new(Mutex::new(Wake(wake.try_clone()?))));
@@ -51,16 +53,14 @@ impl DeviceLoop {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("tapir-devices".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = events.run() {
-                        log::error!("device loop: {e:?}");
-                        break;
-                    }
+        let thread = seccomp::spawn("tapir-devices".into(), filters, Kind::Devices, move || {
+            while !flag.load(Ordering::Acquire) {
+                if let Err(e) = events.run() {
+                    log::error!("device loop: {e:?}");
+                    break;
                 }
-            })?;
+            }
+        })?;
         Ok(Self {
             stop,
             wake,
@@ -124,9 +124,13 @@ mod tests {
         }
     }
 
+    fn filters() -> Arc<Filters> {
+        Filters::new(crate::Seccomp::Threads).unwrap()
+    }
+
     #[test]
     fn stopping_ends_an_idle_loop_at_once() {
-        let l = DeviceLoop::start(vec![]).unwrap();
+        let l = DeviceLoop::start(vec![], &filters()).unwrap();
         let t = Instant::now();
         l.stop();
         assert!(t.elapsed() < Duration::from_millis(500));
@@ -138,7 +142,7 @@ mod tests {
         let entered = Arc::new(AtomicBool::new(false));
         let stuck: Subscriber =
             Arc::new(Mutex::new(Stuck(evt.try_clone().unwrap(), entered.clone())));
-        let l = DeviceLoop::start(vec![stuck]).unwrap();
+        let l = DeviceLoop::start(vec![stuck], &filters()).unwrap();
         evt.write(1).unwrap();
         while !entered.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));

@@ -32,6 +32,7 @@ mod device_loop;
 mod exit;
 pub mod kvm_stats;
 mod loader;
+mod seccomp;
 mod vcpu;
 mod vm;
 pub mod x86_64;
@@ -43,6 +44,7 @@ pub use builder::{
 pub use console::Console;
 pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
+pub use seccomp::{Seccomp, SeccompError};
 pub use tapir_net_backend::NicSpec;
 pub use vm::{NetInfo, RunError, StopHandle, Vm};
 

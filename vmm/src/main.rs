@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use tapir::{
-    Console, ExitReason, NicSpec, RunReport, VmBuilder, BOOT_TIMER_TARGET, DEFAULT_CMDLINE,
-    DEFAULT_MEMORY_MIB,
+    Console, ExitReason, NicSpec, RunReport, Seccomp, VmBuilder, BOOT_TIMER_TARGET,
+    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
 };
 
 const EXIT_ERROR: u8 = 1;
@@ -80,6 +80,19 @@ struct RunArgs {
     /// port 0x402, as the test guest's init does).
     #[arg(long)]
     boot_timer: bool,
+    /// Run every Tapir thread under a seccomp allow-list of the system calls it needs, once the VM
+    /// runs (`on`); a call outside it fails and stops Tapir with a message naming it. `off` is for
+    /// debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    seccomp: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +203,11 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
         .vcpus(args.cpus)
         .memory_mib(args.memory)
         .console(console)
+        .seccomp(if args.seccomp {
+            Seccomp::All
+        } else {
+            Seccomp::Off
+        })
         .start_instant(start);
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
@@ -309,6 +327,12 @@ mod tests {
             "link=lower0,mode=vepa,mac=52:54:00:00:00:09"
         );
         assert!(a.stats);
+        assert!(a.seccomp, "the sandbox is on by default");
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--seccomp", "off"])
+            .unwrap()
+            .command;
+        assert!(!a.seccomp);
+        assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
 
         let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
         assert_eq!(

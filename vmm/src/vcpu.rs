@@ -14,6 +14,7 @@ use tapir_devices::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitLatch, ExitReason};
+use crate::seccomp::{self, Filters, Kind};
 use crate::x86_64;
 
 /// State the vCPU threads share with the VMM.
@@ -50,10 +51,14 @@ pub(crate) struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("tapir-vcpu{}", self.index))
-            .spawn(move || self.run())
+    /// Starts the vCPU's thread, under the vCPU allow-list of `filters`.
+    pub fn spawn(self, filters: &Arc<Filters>) -> std::io::Result<JoinHandle<()>> {
+        seccomp::spawn(
+            format!("tapir-vcpu{}", self.index),
+            filters,
+            Kind::Vcpu,
+            move || self.run(),
+        )
     }
 
     fn fail(&self, exit: String) {

@@ -23,6 +23,7 @@ use crate::console::{InputPump, OutputQueue, RawTerminal};
 use crate::device_loop::DeviceLoop;
 use crate::exit::{ExitLatch, ExitReason, RunReport};
 use crate::kvm_stats::{Stat, VcpuStats};
+use crate::seccomp::{self, Filters, Kind, SeccompError};
 use crate::vcpu::{self, Shared, Vcpu};
 
 /// How often the main loop kicks the vCPUs to see whether the guest has powered off.
@@ -46,6 +47,10 @@ pub enum RunError {
     },
     #[error("the VMM's event loop")]
     Events(#[from] event_manager::Error),
+    #[error("putting the main thread in the sandbox")]
+    Seccomp(#[from] SeccompError),
+    #[error("a Tapir thread made system call {0}, which its seccomp allow-list lacks (run with --seccomp off to see whether it is the sandbox's fault)")]
+    SyscallDenied(i64),
 }
 
 /// When the guest signalled that its init runs.
@@ -120,6 +125,7 @@ pub(crate) struct Parts {
     pub serial_room: EventFd,
     pub console_input: bool,
     pub console_out: Option<Arc<OutputQueue>>,
+    pub filters: Arc<Filters>,
     pub shared: Arc<Shared>,
     pub clock: Arc<BootClock>,
 }
@@ -138,6 +144,7 @@ pub struct Vm {
     serial_room: EventFd,
     console_input: bool,
     console_out: Option<Arc<OutputQueue>>,
+    filters: Arc<Filters>,
     shared: Arc<Shared>,
     clock: Arc<BootClock>,
     stop: StopHandle,
@@ -194,6 +201,7 @@ impl Vm {
             serial_room: p.serial_room,
             console_input: p.console_input,
             console_out: p.console_out,
+            filters: p.filters,
             shared: p.shared,
             clock: p.clock,
             stop: StopHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
@@ -226,7 +234,9 @@ impl Vm {
             stop: self.stop.0.clone(),
             latch: latch.clone(),
         })));
-        let devices = DeviceLoop::start(std::mem::take(&mut self.subscribers))
+        // A system call a filter refuses stops the VM through the stop eventfd.
+        let _denial = seccomp::StopOnDenial::new(self.stop.0.as_raw_fd());
+        let devices = DeviceLoop::start(std::mem::take(&mut self.subscribers), &self.filters)
             .map_err(io("starting the device thread"))?;
 
         // Raw mode only once the VM runs, and restored by drop on every way out of this function.
@@ -243,6 +253,7 @@ impl Vm {
                 room,
                 raw.is_some(),
                 latch.clone(),
+                &self.filters,
             )
             .map_err(io("starting the console input thread"))?;
             (raw, Some(pump))
@@ -260,7 +271,7 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 shared: self.shared.clone(),
             };
-            match vcpu.spawn() {
+            match vcpu.spawn(&self.filters) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     stop_vcpus(&self.shared, threads);
@@ -272,7 +283,11 @@ impl Vm {
             }
         }
 
-        let result = self.wait_for_stop(&mut events, &threads, &sleep, &devices);
+        // The calling thread last: the threads above are started, and it only waits from here on.
+        let result = match self.filters.apply(Kind::Main) {
+            Ok(()) => self.wait_for_stop(&mut events, &threads, &sleep, &devices),
+            Err(e) => Err(e.into()),
+        };
         stop_vcpus(&self.shared, threads);
         devices.stop();
         if let Some(out) = &self.console_out {
@@ -287,6 +302,9 @@ impl Vm {
             }
         }
         result?;
+        if let Some(call) = seccomp::denied_syscall() {
+            return Err(RunError::SyscallDenied(call));
+        }
         let reason = latch.reason().unwrap_or(ExitReason::Stopped);
         Ok(RunReport {
             reason,

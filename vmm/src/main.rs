@@ -83,7 +83,7 @@ struct RunArgs {
     /// Run every Tapir thread under a seccomp allow-list of the system calls it needs, once the VM
     /// runs (`on`); a call outside it fails and stops Tapir with a message naming it. `off` is for
     /// debugging.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
     seccomp: bool,
 }
 

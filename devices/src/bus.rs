@@ -45,6 +45,18 @@ pub struct Bus {
     entries: Vec<Entry>,
 }
 
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.entries
+                    .iter()
+                    .map(|e| format!("{:#x}+{:#x}", e.base, e.len)),
+            )
+            .finish()
+    }
+}
+
 impl Bus {
     /// An empty bus.
     pub fn new() -> Self {
@@ -112,6 +124,7 @@ pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test values are small
 mod tests {
     use super::*;
 

@@ -39,6 +39,7 @@ pub fn parse_descriptors(header: &[u8], descs: &[u8]) -> Option<(u64, Vec<(Strin
 }
 
 /// A vCPU's statistics file.
+#[derive(Debug)]
 pub struct VcpuStats {
     file: File,
     data_offset: u64,

@@ -1,3 +1,4 @@
+#![warn(missing_debug_implementations)]
 //! Tapir: a small KVM virtual machine monitor whose network device is backed by a macvtap.
 //!
 //! This crate is the VMM: the KVM VM and its vCPU threads, guest memory, x86_64 direct boot of a

@@ -73,7 +73,7 @@ impl BootClock {
 }
 
 /// Stops a running VM from another thread or a signal handler.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct StopHandle(Arc<EventFd>);
 
 impl StopHandle {

@@ -8,6 +8,12 @@ pub struct DebugPort {
     on_byte: Box<dyn FnMut(u8) + Send>,
 }
 
+impl std::fmt::Debug for DebugPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DebugPort")
+    }
+}
+
 impl DebugPort {
     /// A port that calls `on_byte` for every byte written.
     pub fn new(on_byte: Box<dyn FnMut(u8) + Send>) -> Self {

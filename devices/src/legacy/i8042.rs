@@ -11,6 +11,12 @@ pub struct ResetPort<T: Trigger> {
     i8042: I8042Device<T>,
 }
 
+impl<T: Trigger> std::fmt::Debug for ResetPort<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetPort")
+    }
+}
+
 impl<T: Trigger> ResetPort<T> {
     /// A controller whose reset command fires `on_reset`.
     pub fn new(on_reset: T) -> Self {

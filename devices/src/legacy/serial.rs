@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 
 /// A vm-superio trigger that raises an interrupt by writing to an eventfd (an irqfd).
+#[derive(Debug)]
 pub struct EventFdTrigger(pub EventFd);
 
 impl Trigger for EventFdTrigger {
@@ -51,6 +52,14 @@ impl SerialEvents for Events {
 pub struct SerialPort {
     serial: Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
     lost_output: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SerialPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialPort")
+            .field("lost_output", &self.lost_output())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SerialPort {

@@ -24,6 +24,7 @@ const VERSION_MODERN: u32 = 2;
 const VENDOR_ID: u32 = 0x5250_4154;
 
 /// One virtio device behind an MMIO register window.
+#[derive(Debug)]
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
@@ -178,10 +179,10 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_ID => lock(&self.device).device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => {
-                let features = lock(&self.device).features();
+                let features = lock(&self.device).features().to_le_bytes();
                 match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
+                    0 => u32::from_le_bytes([features[0], features[1], features[2], features[3]]),
+                    1 => u32::from_le_bytes([features[4], features[5], features[6], features[7]]),
                     _ => 0,
                 }
             }
@@ -315,7 +316,11 @@ impl BusDevice for MmioTransport {
             );
             return;
         }
-        let value = self.read_register(offset as u32);
+        // Below the config space, so it fits.
+        let Ok(offset) = u32::try_from(offset) else {
+            return;
+        };
+        let value = self.read_register(offset);
         data.copy_from_slice(&value.to_le_bytes());
     }
 
@@ -332,18 +337,21 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        self.write_register(offset as u32, u32::from_le_bytes(bytes));
+        if let Ok(offset) = u32::try_from(offset) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test values are small
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::GuestAddress;
 
     /// A device that records what the transport asks of it.
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Fake {
         acked: u64,
         acked_out: Option<Arc<std::sync::atomic::AtomicU64>>,

@@ -116,7 +116,7 @@ pub enum ActivateError {
 
 /// A virtio device as its transport sees it. Runtime work (queues, host I/O) happens in the
 /// device's own event handler, not in these calls, which come from vCPU threads.
-pub trait VirtioDevice: Send {
+pub trait VirtioDevice: Send + std::fmt::Debug {
     /// VIRTIO_ID_*.
     fn device_type(&self) -> u32;
     /// Largest size of each queue; their number is the number of queues.

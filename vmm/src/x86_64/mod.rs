@@ -82,6 +82,7 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, params: &boot_params) -> Result<()
 }
 
 /// What every vCPU needs from the host's KVM to be configured.
+#[derive(Debug)]
 pub struct VcpuTemplate {
     /// KVM_GET_SUPPORTED_CPUID.
     pub cpuid: CpuId,

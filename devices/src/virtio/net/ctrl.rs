@@ -4,8 +4,7 @@
 
 use tapir_net_backend::NetBackend;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_MQ,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -17,9 +16,9 @@ use crate::{error_limited, info_limited, warn_limited};
 
 /// Longest command read: class, command and a u16 argument, with room to spare.
 const MAX_COMMAND: usize = 64;
-/// The answers, as the one status byte the driver reads.
-const OK: u8 = VIRTIO_NET_OK as u8;
-const ERR: u8 = VIRTIO_NET_ERR as u8;
+/// The answers, as the one status byte the driver reads (VIRTIO_NET_OK and VIRTIO_NET_ERR).
+const OK: u8 = 0;
+const ERR: u8 = 1;
 
 /// One command taken from a chain: its bytes and where its status byte goes.
 struct Request {
@@ -191,5 +190,16 @@ fn read_request(
             status,
         }),
         _ => Err(Malformed::TooShort),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
+
+    #[test]
+    fn status_bytes_are_the_specs() {
+        assert_eq!(u32::from(super::OK), VIRTIO_NET_OK);
+        assert_eq!(u32::from(super::ERR), VIRTIO_NET_ERR);
     }
 }

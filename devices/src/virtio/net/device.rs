@@ -97,6 +97,22 @@ pub struct Net<B: NetBackend> {
     pub(super) rx_hdr_bufs: Vec<(GuestAddress, u32)>,
 }
 
+impl<B: NetBackend> std::fmt::Debug for Net<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("name", &self.name)
+            .field("pairs", &self.pairs.len())
+            .field("pairs_in_use", &self.pairs_in_use)
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
+            .field("active", &self.active.is_some())
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<B: NetBackend> Net<B> {
     /// A device named `name` (for logs) with one queue pair per backend, advertising `mac` and
     /// `mtu`, offering the guest offloads in `host_offloads` (TUN_F_* the backends accept).

@@ -1,5 +1,6 @@
 //! The device against mock queues and a socketpair backend: negotiation, offloads at activation,
 //! both data paths with single and merged buffers, every malformed chain, EAGAIN, reset.
+#![allow(clippy::cast_possible_truncation)] // test values are small
 
 use std::sync::atomic::Ordering;
 

@@ -18,16 +18,14 @@ const BACKEND: u32 = 1 << 16;
 
 impl<B: NetBackend> Net<B> {
     fn runtime_events(&self) -> Vec<Events> {
-        let mut events: Vec<Events> = self
-            .queue_evts
-            .iter()
-            .enumerate()
-            .map(|(i, evt)| Events::with_data(evt, i as u32, EventSet::IN))
+        let mut events: Vec<Events> = (0u32..)
+            .zip(&self.queue_evts)
+            .map(|(i, evt)| Events::with_data(evt, i, EventSet::IN))
             .collect();
-        events.extend(self.pairs.iter().enumerate().map(|(p, pair)| {
+        events.extend((0u32..).zip(&self.pairs).map(|(p, pair)| {
             Events::with_data(
                 &pair.backend,
-                BACKEND + p as u32,
+                BACKEND + p,
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
             )
         }));

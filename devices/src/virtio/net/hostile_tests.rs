@@ -2,6 +2,7 @@
 //! grow, write where it must not, or send what it did not mean, and checks that the device stays
 //! bounded, answers as the virtio spec says (DEVICE_NEEDS_RESET, a refused chain) and keeps its
 //! memory small.
+#![allow(clippy::cast_possible_truncation)] // test values are small
 
 use tapir_net_backend::offload::TUN_F_ALL;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -79,11 +79,14 @@ pub fn rx_frame_max(acked: u64, mtu: u16) -> usize {
     }
 }
 
+/// The status field's VIRTIO_NET_S_LINK_UP.
+const LINK_UP: u16 = 1;
+
 /// The configuration space: mac, status, max_virtqueue_pairs, mtu.
 pub fn config_space(mac: [u8; 6], mtu: u16, pairs: u16) -> [u8; 12] {
     let mut c = [0u8; 12];
     c[..6].copy_from_slice(&mac);
-    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
     c[8..10].copy_from_slice(&pairs.to_le_bytes());
     c[10..12].copy_from_slice(&mtu.to_le_bytes());
     c
@@ -149,6 +152,7 @@ mod tests {
 
     #[test]
     fn config_space_layout() {
+        assert_eq!(u32::from(LINK_UP), VIRTIO_NET_S_LINK_UP);
         let c = config_space([2, 0, 0, 0, 0, 1], 1500, 1);
         assert_eq!(&c[..6], &[2, 0, 0, 0, 0, 1]);
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "link up");

@@ -4,6 +4,7 @@
 //! Not virtio-queue's `MockSplitQueue`: in 0.18 it puts the used ring 0x104 bytes after the avail
 //! ring whatever the queue size (so 256-entry rings overlap) and writes avail entries past the
 //! ring's end once the index passes the size; tests on it can pass for the wrong reasons.
+#![allow(clippy::cast_possible_truncation)] // test values are small
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;

@@ -170,6 +170,17 @@ fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
     for &call in BASE.iter().chain(calls(kind)) {
         rules.insert(call, Vec::new());
     }
+    // fcntl(fd, F_GETFD) only: debug builds of std check that a descriptor is open before they
+    // close it.
+    let getfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(build)?;
+    rules.insert(libc::SYS_fcntl, vec![getfd]);
     if let Some(ioctl_rules) = rules.get_mut(&libc::SYS_ioctl) {
         *ioctl_rules = ioctls(kind)
             .into_iter()

@@ -189,3 +189,52 @@ fn kvm_that_is_missing_or_forbidden_is_named() {
         "opening /dev/kvm (is KVM loaded, and may this user open it?): Permission denied",
     );
 }
+
+#[test]
+#[ignore = "needs root (a network namespace, veth, macvtap) and the guest image: run by scripts/test"]
+fn sigterm_at_any_moment_of_set_up_leaves_no_macvtap() {
+    // The stop signals are caught before the macvtap exists: a SIGTERM at any moment either
+    // kills tapir before it made anything (status 143) or lets it finish building and stop through
+    // its clean-up (status 0, or 1 where KVM is missing); a macvtap is never left behind.
+    let kernel = guest_file("bzImage");
+    let script = format!(
+        r#"
+ns=tapir-sigterm-$$
+ip netns add $ns || exit 99
+trap 'ip netns del $ns' EXIT
+ip -n $ns link add lower0 type veth peer name peer0
+ip -n $ns link set lower0 up
+for d in 0 0.001 0.002 0.004 0.007 0.01 0.015 0.02 0.03 0.05 0.08 0.13 0.2 0.3; do
+    ip netns exec $ns "$TAPIR" run --kernel {} --console none --net link=lower0 2>/dev/null &
+    pid=$!
+    sleep $d
+    kill -TERM $pid 2>/dev/null
+    wait $pid
+    echo "delay=$d status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
+done
+"#,
+        kernel.display()
+    );
+    let out = tapir_sh(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let runs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("delay=")).collect();
+    assert_eq!(
+        runs.len(),
+        14,
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for run in &runs {
+        assert!(run.ends_with("macvtaps=0"), "{run}\n{stdout}");
+        assert!(
+            ["status=0 ", "status=1 ", "status=143 "]
+                .iter()
+                .any(|s| run.contains(s)),
+            "{run}"
+        );
+    }
+    assert!(
+        runs.iter().any(|r| r.contains("status=0 ")),
+        "at least one run was stopped through its clean-up: {stdout}"
+    );
+}

@@ -67,6 +67,25 @@ impl Run {
     pub fn assert_stdout_has(&self, text: &str) {
         assert!(self.stdout.contains(text), "stdout lacks {text:?}\n{self}");
     }
+
+    /// The rest of the first stdout line that starts with `prefix` (leading blanks ignored),
+    /// trimmed; panics, showing the run, when there is none.
+    pub fn line_value(&self, prefix: &str) -> &str {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{self}"))
+            .trim()
+    }
+
+    /// The number that follows `prefix` on its line (the first column of a `--stats` row).
+    pub fn number(&self, prefix: &str) -> u64 {
+        self.line_value(prefix)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {prefix:?}\n{self}"))
+    }
 }
 
 impl std::fmt::Display for Run {

@@ -10,14 +10,6 @@ use tapir_tests::{guest_file, initramfs_with_script, run_host_script, scratch_di
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
-fn value(run: &Run, prefix: &str) -> u64 {
-    run.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no number after {prefix:?}\n{run}"))
-}
-
 fn pattern_line<'a>(run: &'a Run, prefix: &str) -> &'a str {
     run.stdout
         .lines()
@@ -188,39 +180,34 @@ fn a_hostile_guest_cannot_hang_bloat_or_crash_tapir() {
     // While the guest plays the patterns, the device thread works for every kick and frame (a
     // guest can always make its VMM work), but never a whole core; once the guest stops, with the
     // device left broken, Tapir is idle.
-    let cpu = value(&run, "NON-VCPU-CPU-MS ");
-    let wall = value(&run, "WALL-MS ");
+    let cpu = run.number("NON-VCPU-CPU-MS ");
+    let wall = run.number("WALL-MS ");
     assert!(
         cpu * 4 < wall * 3,
         "Tapir's threads outside the vCPUs took {cpu} ms of {wall} ms: something spins\n{run}"
     );
-    let quiet = value(&run, "QUIET-CPU-MS ");
-    let quiet_wall = value(&run, "QUIET-WALL-MS ");
+    let quiet = run.number("QUIET-CPU-MS ");
+    let quiet_wall = run.number("QUIET-WALL-MS ");
     assert!(
         quiet * 10 < quiet_wall,
         "{quiet} ms of CPU in {quiet_wall} ms with a quiet guest: something spins\n{run}"
     );
-    let growth = value(&run, "RSS-GROWTH-KB ");
+    let growth = run.number("RSS-GROWTH-KB ");
     assert!(growth < 16 << 10, "RSS grew by {growth} KiB\n{run}");
-    let stop = value(&run, "SIGTERM-MS ");
+    let stop = run.number("SIGTERM-MS ");
     assert!(stop < 1000, "SIGTERM took {stop} ms\n{run}");
     // Rate-limited: a handful of lines per kind, whatever the guest repeats.
-    let lines = value(&run, "STDERR-LINES ");
+    let lines = run.number("STDERR-LINES ");
     assert!(lines < 60, "{lines} lines of log\n{run}");
     println!(
         "hostile guest: Tapir's non-vCPU threads {cpu} ms of CPU in {wall} ms, then {quiet} ms \
          in {quiet_wall} ms quiet; RSS {} KiB + {growth} KiB, SIGTERM {stop} ms, {lines} lines \
          on stderr",
-        value(&run, "RSS-START-KB ")
+        run.number("RSS-START-KB ")
     );
     for line in run.stdout.lines().filter(|l| l.starts_with("THREAD-TICKS")) {
         println!("{line}");
     }
-    let driver_errors = run
-        .stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("driver_errors"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no driver_errors counter\n{run}"));
+    let driver_errors = run.number("driver_errors");
     assert!(driver_errors >= 3, "{run}");
 }

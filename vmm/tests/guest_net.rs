@@ -14,22 +14,6 @@ fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
     run_host_script(dir, &["--timeout", "500", "--memory", "4096"], script, args)
 }
 
-fn line_value<'a>(run: &'a Run, prefix: &str) -> &'a str {
-    run.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{run}"))
-        .trim()
-}
-
-fn counter(run: &Run, name: &str) -> u64 {
-    line_value(run, name)
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("counter {name}\n{run}"))
-}
-
 const GUEST_TRAFFIC: &str = r#"
 peer=10.77.0.1
 sleep 3   # the host pings us meanwhile
@@ -101,33 +85,33 @@ echo "UP-BYTES $(wc -c <$D/upload.bin)"
     ] {
         assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
     }
-    let peer_sha = line_value(&run, "PEER-SHA ");
+    let peer_sha = run.line_value("PEER-SHA ");
     assert_eq!(
-        line_value(&run, "DOWN "),
+        run.line_value("DOWN "),
         peer_sha,
         "100 MB peer -> guest arrived intact"
     );
     assert_eq!(
-        line_value(&run, "UP-PEER "),
-        line_value(&run, "UP-LOCAL "),
+        run.line_value("UP-PEER "),
+        run.line_value("UP-LOCAL "),
         "100 MB guest -> peer arrived intact"
     );
     for prefix in ["TCP-OUT ", "TCP-IN ", "UDP "] {
         assert!(
-            line_value(&run, prefix).contains("Mbits/sec"),
+            run.line_value(prefix).contains("Mbits/sec"),
             "{prefix}\n{run}"
         );
     }
     // The guest's TCP used the offloads: segmentation and checksums left to the host, and GSO frames
     // from the peer handed to the guest whole.
-    assert!(counter(&run, "tx_gso_frames") > 0, "{run}");
-    assert!(counter(&run, "tx_csum_frames") > 0, "{run}");
-    assert!(counter(&run, "rx_gso_frames") > 0, "{run}");
+    assert!(run.number("tx_gso_frames") > 0, "{run}");
+    assert!(run.number("tx_csum_frames") > 0, "{run}");
+    assert!(run.number("rx_gso_frames") > 0, "{run}");
     assert!(
-        counter(&run, "rx_bytes") > 100 << 20,
+        run.number("rx_bytes") > 100 << 20,
         "the 100 MB download went through the device\n{run}"
     );
-    assert_eq!(counter(&run, "malformed_chains"), 0, "{run}");
+    assert_eq!(run.number("malformed_chains"), 0, "{run}");
 }
 
 #[test]
@@ -180,7 +164,8 @@ echo "bad-link-status=$?"
     ] {
         assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
     }
-    let eth1_rx = line_value(&run, "rx_frames")
+    let eth1_rx = run
+        .line_value("rx_frames")
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.parse::<u64>().ok());

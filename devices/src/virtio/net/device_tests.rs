@@ -5,20 +5,14 @@
 use std::sync::atomic::Ordering;
 
 use tapir_net_backend::offload::{TUN_F_ALL, TUN_F_CSUM, TUN_F_TSO4};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 
-use super::test_utils::{Harness, F_NEXT, F_WRITE, MEM_SIZE};
+use super::test_utils::{
+    bit, Harness, CTRL, F_NEXT, F_WRITE, MEM_SIZE, MQ, MRG, RX as RX_QUEUE, RX1, TX as TX_QUEUE,
+    TX1, V1,
+};
 use crate::virtio::VirtioDevice;
-
-const fn bit(b: u32) -> u64 {
-    1 << b
-}
-const RX_QUEUE: usize = 0;
-const TX_QUEUE: usize = 1;
-const V1: u64 = bit(VIRTIO_F_VERSION_1);
-const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
 
 #[test]
 fn activation_applies_the_acked_guest_offloads_to_the_backend() {
@@ -308,21 +302,6 @@ fn reset_stops_the_device_and_it_can_start_again() {
     assert_eq!(h.net.pairs[0].backend.offloads, TUN_F_CSUM | TUN_F_TSO4);
 }
 
-/// Queues of a two-pair device: rx0 tx0 rx1 tx1 ctrl.
-const RX1: usize = 2;
-const TX1: usize = 3;
-const CTRL: usize = 4;
-const MQ: u64 = bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
-
-/// Queues a control command; returns the address of its one-byte status.
-fn control(h: &mut Harness, command: &[u8]) -> u64 {
-    let cmd = h.buffer(command.len() as u32, command);
-    let ack = h.buffer(1, &[0xff]);
-    h.add_chain(CTRL, &[(cmd, command.len() as u32, 0), (ack, 1, F_WRITE)]);
-    h.net.process_ctrl();
-    ack
-}
-
 #[test]
 fn several_pairs_start_with_one_and_the_driver_enables_the_rest() {
     let mut h = Harness::with_pairs(TUN_F_ALL, 2);
@@ -338,7 +317,7 @@ fn several_pairs_start_with_one_and_the_driver_enables_the_rest() {
     assert_eq!(h.net.pairs_in_use(), 1);
     assert!(h.net.pairs[0].backend.enabled && !h.net.pairs[1].backend.enabled);
 
-    let ack = control(&mut h, &[4, 0, 2, 0]); // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2
+    let ack = h.control(&[4, 0, 2, 0], 1); // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2
     assert_eq!(h.read(ack, 1), [0], "VIRTIO_NET_OK");
     assert_eq!(h.used(CTRL), vec![(0, 1)]);
     assert_eq!(h.net.pairs_in_use(), 2);
@@ -364,7 +343,7 @@ fn control_commands_out_of_range_or_unknown_are_refused() {
     let mut h = Harness::with_pairs(TUN_F_ALL, 2);
     h.start(V1 | MQ);
     for command in [&[4u8, 0, 3, 0][..], &[4, 0, 0, 0], &[0, 0, 1], &[4, 0, 2]] {
-        let ack = control(&mut h, command);
+        let ack = h.control(command, 1);
         assert_eq!(h.read(ack, 1), [1], "VIRTIO_NET_ERR for {command:?}");
     }
     assert_eq!(h.net.pairs_in_use(), 1);
@@ -378,7 +357,7 @@ fn control_commands_out_of_range_or_unknown_are_refused() {
 
     let mut h = Harness::with_pairs(TUN_F_ALL, 2);
     h.start(V1 | bit(VIRTIO_NET_F_CTRL_VQ)); // MQ not acked: pairs stay at one
-    let ack = control(&mut h, &[4, 0, 2, 0]);
+    let ack = h.control(&[4, 0, 2, 0], 1);
     assert_eq!(h.read(ack, 1), [1]);
     assert_eq!(h.net.pairs_in_use(), 1);
 }

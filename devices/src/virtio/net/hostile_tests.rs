@@ -5,25 +5,16 @@
 #![allow(clippy::cast_possible_truncation)] // test values are small
 
 use tapir_net_backend::offload::TUN_F_ALL;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
 
 use super::device::BUDGET;
-use super::test_utils::{Harness, F_WRITE};
+use super::test_utils::{bit, Harness, F_INDIRECT, F_WRITE, MQ, MRG, RX, TWO_PAIRS, TX, V1};
 use crate::virtio::queue::MAX_CHAIN_BUFFERS;
 use crate::virtio::VirtioDevice;
 
-const fn bit(b: u32) -> u64 {
-    1 << b
-}
-const RX: usize = 0;
-const TX: usize = 1;
-const V1: u64 = bit(VIRTIO_F_VERSION_1);
-const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
 const GSO: u64 = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
-const F_INDIRECT: u16 = 4;
 
 fn needs_reset(h: &Harness) -> bool {
     h.interrupt.as_ref().unwrap().needs_reset()
@@ -43,6 +34,16 @@ fn indirect_table(h: &mut Harness, entries: &[(u64, u32, u16)]) -> u64 {
         })
         .collect();
     h.buffer(raw.len() as u32, &raw)
+}
+
+/// A descriptor that points at an indirect table of `entries` descriptors.
+fn indirect(table: u64, entries: usize) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(
+        table,
+        16 * entries as u32,
+        F_INDIRECT,
+        0,
+    ))
 }
 
 #[test]
@@ -98,8 +99,7 @@ fn a_pair_the_driver_never_set_up_is_never_touched() {
             }
         })
         .collect();
-    let acked = V1 | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
-    h.start_with(acked, queues);
+    h.start_with(V1 | MQ, queues);
     // Queue 0's descriptor table sits at guest address 0, where an unset queue's rings point.
     let before = h.read(0, 64);
     h.peers[0].send(&Harness::frame(0, 0, 60)).unwrap();
@@ -108,18 +108,7 @@ fn a_pair_the_driver_never_set_up_is_never_touched() {
     h.net.process_tx(1);
     assert_eq!(h.read(0, 64), before, "nothing written at guest address 0");
     // Asking for both pairs is refused: pair 1 has no queues.
-    let cmd = h.buffer(
-        4,
-        &[
-            VIRTIO_NET_CTRL_MQ as u8,
-            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
-            2,
-            0,
-        ],
-    );
-    let status = h.buffer(1, &[0xff]);
-    h.add_chain(4, &[(cmd, 4, 0), (status, 1, F_WRITE)]);
-    h.net.process_ctrl();
+    let status = h.control(&TWO_PAIRS, 1);
     assert_eq!(h.read(status, 1), [VIRTIO_NET_ERR as u8]);
     assert_eq!(h.net.pairs_in_use(), 1);
     assert_eq!(h.read(0, 64), before);
@@ -133,15 +122,7 @@ fn the_rx_stash_stays_bounded_whatever_the_guest_posts() {
     let tiny = h.buffer(12, &[0; 12]);
     let table = indirect_table(&mut h, &vec![(tiny, 12, F_WRITE); 1000]);
     for _ in 0..4 {
-        h.add_raw(
-            RX,
-            &[RawDescriptor::from(SplitDescriptor::new(
-                table,
-                16 * 1000,
-                F_INDIRECT,
-                0,
-            ))],
-        );
+        h.add_raw(RX, &[indirect(table, 1000)]);
     }
     for _ in 0..200 {
         h.queues[RX].publish(0);
@@ -174,15 +155,7 @@ fn chains_of_more_buffers_than_writev_takes_are_refused_whole() {
     long.extend((0..1000).map(|i| (b_addr + 2 * i, 2, 0)));
     long.extend((0..100).map(|_| (b_addr, 0, 0)));
     let table = indirect_table(&mut h, &long);
-    h.add_raw(
-        TX,
-        &[RawDescriptor::from(SplitDescriptor::new(
-            table,
-            16 * long.len() as u32,
-            F_INDIRECT,
-            0,
-        ))],
-    );
+    h.add_raw(TX, &[indirect(table, long.len())]);
     h.net.process_tx(0);
     let s = h.net.counters().snapshot();
     assert_eq!((s.tx_frames, s.tx_bytes, s.malformed_chains), (0, 0, 1));
@@ -199,15 +172,7 @@ fn chains_of_more_buffers_than_writev_takes_are_refused_whole() {
     fits.truncate(MAX_CHAIN_BUFFERS);
     let sent: usize = fits.iter().map(|f| f.1 as usize).sum();
     let table = indirect_table(&mut h, &fits);
-    h.add_raw(
-        TX,
-        &[RawDescriptor::from(SplitDescriptor::new(
-            table,
-            16 * fits.len() as u32,
-            F_INDIRECT,
-            0,
-        ))],
-    );
+    h.add_raw(TX, &[indirect(table, fits.len())]);
     h.net.process_tx(0);
     let mut got = vec![0u8; 4096];
     let n = h.peer.recv(&mut got).unwrap();
@@ -220,22 +185,11 @@ fn chains_of_more_buffers_than_writev_takes_are_refused_whole() {
 #[test]
 fn a_control_command_with_an_empty_status_buffer_gets_nothing_written() {
     let mut h = Harness::with_pairs(TUN_F_ALL, 2);
-    h.start(V1 | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ));
-    let cmd = h.buffer(
-        4,
-        &[
-            VIRTIO_NET_CTRL_MQ as u8,
-            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
-            2,
-            0,
-        ],
-    );
-    let status = h.buffer(1, &[0xee]);
-    h.add_chain(4, &[(cmd, 4, 0), (status, 0, F_WRITE)]);
-    h.net.process_ctrl();
+    h.start(V1 | MQ);
+    let status = h.control(&TWO_PAIRS, 0);
     assert_eq!(
         h.read(status, 1),
-        [0xee],
+        [0xff],
         "no byte written into a 0-byte buffer"
     );
     assert_eq!(h.used(4), vec![(0, 0)]);

@@ -10,6 +10,8 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use tapir_net_backend::socketpair::SocketpairBackend;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
@@ -25,6 +27,22 @@ pub const BUF_BASE: u64 = 0x10_0000;
 pub const MEM_SIZE: usize = 0x100_0000;
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+pub const F_INDIRECT: u16 = 4;
+
+pub const fn bit(b: u32) -> u64 {
+    1 << b
+}
+pub const V1: u64 = bit(VIRTIO_F_VERSION_1);
+pub const MRG: u64 = bit(VIRTIO_NET_F_MRG_RXBUF);
+pub const MQ: u64 = bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+/// Queues of a device: rx0 tx0, and with two pairs rx1 tx1 ctrl.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+pub const RX1: usize = 2;
+pub const TX1: usize = 3;
+pub const CTRL: usize = 4;
+/// VIRTIO_NET_CTRL_MQ / VQ_PAIRS_SET 2.
+pub const TWO_PAIRS: [u8; 4] = [4, 0, 2, 0];
 /// Guest memory per queue for its rings (room for 256 entries).
 const QUEUE_SPAN: u64 = 0x4000;
 
@@ -204,6 +222,22 @@ impl Harness {
             .collect();
         self.add_raw(q, &raw);
         start
+    }
+
+    /// Queues a control command with a status buffer of `status_len` bytes (filled with 0xff)
+    /// and lets the device answer it; returns the status buffer's address.
+    pub fn control(&mut self, command: &[u8], status_len: u32) -> u64 {
+        let cmd = self.buffer(command.len() as u32, command);
+        let status = self.buffer(1, &[0xff]);
+        self.add_chain(
+            CTRL,
+            &[
+                (cmd, command.len() as u32, 0),
+                (status, status_len, F_WRITE),
+            ],
+        );
+        self.net.process_ctrl();
+        status
     }
 
     /// Adds raw descriptors as they are (for broken chains) at the next free table slots, and

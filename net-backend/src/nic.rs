@@ -356,6 +356,10 @@ impl Nic {
                     index: None,
                     name: name.clone(),
                 };
+                #[cfg(test)]
+                if tests::LOOKUP_FAILS.with(std::cell::Cell::get) {
+                    return Err(NicError::NoSuchLink(name.clone()));
+                }
                 let link = rtnl
                     .link_by_name(&name)
                     .map_err(netlink_err)?
@@ -669,6 +673,11 @@ fn make_private_node(
 
 #[cfg(test)]
 mod tests {
+    thread_local! {
+        /// Makes the look-up right after a link= macvtap's creation fail, on this thread.
+        pub static LOOKUP_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     use super::*;
 
     #[test]
@@ -789,5 +798,33 @@ mod tests {
         // Past any descriptor this test process has open.
         let err = Nic::open(&ok("fd=1000000"), &OpenOptions::default()).unwrap_err();
         assert!(matches!(err, NicError::FdNotOpen(1000000)), "{err}");
+    }
+
+    #[test]
+    #[ignore = "needs root (a network namespace and a macvtap): run by scripts/test"]
+    fn a_macvtap_whose_look_up_fails_right_after_creation_is_deleted() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread (and the processes it starts).
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let ip = std::process::Command::new("ip")
+                .args([
+                    "link", "add", "lower0", "type", "veth", "peer", "name", "peer0",
+                ])
+                .status()
+                .expect("running ip");
+            assert!(ip.success(), "ip link add lower0 type veth");
+            LOOKUP_FAILS.with(|f| f.set(true));
+            let err = Nic::open(&ok("link=lower0"), &OpenOptions::default()).unwrap_err();
+            assert!(matches!(err, NicError::NoSuchLink(_)), "{err}");
+            let links = Rtnl::open().unwrap().links().unwrap();
+            let left: Vec<_> = links
+                .iter()
+                .filter(|l| l.kind.as_deref() == Some("macvtap"))
+                .map(|l| l.name.clone())
+                .collect();
+            assert!(left.is_empty(), "left behind: {left:?}");
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -492,12 +492,15 @@ impl VmBuilder {
             let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating an irqfd"))?;
             vm.register_irqfd(&irqfd, *irq)
                 .map_err(kvm_err("registering a virtio-mmio irqfd"))?;
+            let counters = net.counters();
+            let net = Arc::new(Mutex::new(net));
+            let state_of = net.clone();
             net_infos.push(NetInfo {
                 name,
                 mac: nic.mac().to_string(),
-                counters: net.counters(),
+                counters,
+                state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
             });
-            let net = Arc::new(Mutex::new(net));
             let transport = MmioTransport::new(
                 net.clone(),
                 memory.clone(),

@@ -47,7 +47,7 @@ pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
 pub use seccomp::{Seccomp, SeccompError};
 pub use tapir_net_backend::NicSpec;
-pub use vm::{NetInfo, RunError, StopHandle, Vm};
+pub use vm::{DumpHandle, NetInfo, RunError, StopHandle, Vm, QUEUE_STATE_TARGET};
 
 /// The loader's entry points, for the fuzz targets.
 #[cfg(feature = "fuzzing")]

@@ -39,6 +39,9 @@ struct Cli {
 enum Command {
     /// Boot a Linux kernel and run it until it reboots or powers off.
     ///
+    /// SIGUSR1 logs every NIC's queue state (the device's positions next to the guest's rings,
+    /// the RX stash, a pending interrupt, driver errors, counters).
+    ///
     /// Example: tapir run --kernel guest-images/out/bzImage --initrd guest-images/out/initramfs.cpio.gz --cpus 2
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
@@ -117,6 +120,17 @@ fn parse_console(s: &str) -> Result<ConsoleArg, String> {
 /// Where the signal handler writes: the VM's stop handle, and which signal came.
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Where SIGUSR1's handler writes: the VM's dump handle.
+static DUMP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = DUMP_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) is async-signal-safe; the buffer is valid for 8 bytes.
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
 
 extern "C" fn on_stop_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP_SIGNAL.store(signal, Ordering::Relaxed);
@@ -222,7 +236,10 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
         vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
             .map_err(|e| format!("installing the {} handler: {e}", signal_name(signal)))?;
     }
+    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_dump_signal)
+        .map_err(|e| format!("installing the SIGUSR1 handler: {e}"))?;
     let vm = builder.build()?;
+    DUMP_FD.store(vm.dump_handle().as_raw_fd(), Ordering::Relaxed);
     let stop = vm.stop_handle();
     STOP_FD.store(stop.as_raw_fd(), Ordering::Relaxed);
     if STOP_SIGNAL.load(Ordering::Relaxed) != 0 {
@@ -230,6 +247,7 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     }
     let report = vm.run()?;
     STOP_FD.store(-1, Ordering::Relaxed);
+    DUMP_FD.store(-1, Ordering::Relaxed);
     if stats {
         use std::io::Write;
         let _ = write!(

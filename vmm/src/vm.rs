@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{VcpuFd, VmFd};
 use tapir_devices::legacy::SerialPort;
-use tapir_devices::virtio::net::NetCounters;
+use tapir_devices::virtio::net::{NetCounters, NetState};
 use tapir_devices::Bus;
 use tapir_net_backend::Nic;
 use vm_memory::GuestMemoryMmap;
@@ -93,6 +93,30 @@ impl AsRawFd for StopHandle {
     }
 }
 
+/// Asks a running VM to log every NIC's queue state (the CLI's SIGUSR1).
+#[derive(Clone, Debug)]
+pub struct DumpHandle(Arc<EventFd>);
+
+impl DumpHandle {
+    /// Logs each NIC's [`NetState`] (warn level, target [`QUEUE_STATE_TARGET`]) from the VM's
+    /// main loop.
+    pub fn dump(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("requesting a queue-state dump: {e}");
+        }
+    }
+}
+
+/// Writing an 8-byte 1 to this descriptor is `dump()`, from a signal handler too.
+impl AsRawFd for DumpHandle {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Log target of the queue-state dump.
+pub const QUEUE_STATE_TARGET: &str = "tapir::queue_state";
+
 /// One virtio-net device, as the embedding program sees it.
 #[derive(Clone)]
 pub struct NetInfo {
@@ -101,6 +125,15 @@ pub struct NetInfo {
     /// The MAC the guest sees (the macvtap's).
     pub mac: String,
     pub counters: Arc<NetCounters>,
+    pub(crate) state: Arc<dyn Fn() -> NetState + Send + Sync>,
+}
+
+impl NetInfo {
+    /// The device's queues now: the device's positions next to the guest's rings, the RX stash,
+    /// pending interrupt, driver errors (for a guest that went deaf).
+    pub fn state(&self) -> NetState {
+        (self.state)()
+    }
 }
 
 impl std::fmt::Debug for NetInfo {
@@ -148,6 +181,7 @@ pub struct Vm {
     shared: Arc<Shared>,
     clock: Arc<BootClock>,
     stop: StopHandle,
+    dump: DumpHandle,
     // Last: a macvtap created for the VM goes when everything using it has gone.
     _nics: Vec<Nic>,
 }
@@ -156,12 +190,14 @@ pub struct Vm {
 struct Control {
     wake: EventFd,
     stop: Arc<EventFd>,
+    dump: Arc<EventFd>,
+    nets: Vec<NetInfo>,
     latch: Arc<ExitLatch>,
 }
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.wake, self.stop.as_ref()] {
+        for fd in [&self.wake, self.stop.as_ref(), self.dump.as_ref()] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 log::error!("watching a control eventfd: {e:?}");
             }
@@ -172,6 +208,24 @@ impl MutEventSubscriber for Control {
         if events.fd() == self.stop.as_raw_fd() {
             let _ = self.stop.read();
             self.latch.request(ExitReason::Stopped);
+        } else if events.fd() == self.dump.as_raw_fd() {
+            let _ = self.dump.read();
+            for net in &self.nets {
+                let counters: Vec<String> = net
+                    .counters
+                    .snapshot()
+                    .fields()
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                log::warn!(
+                    target: QUEUE_STATE_TARGET,
+                    "queue state of {}\n{}    counters: {}",
+                    net.name,
+                    net.state(),
+                    counters.join(" ")
+                );
+            }
         } else {
             let _ = self.wake.read();
         }
@@ -205,6 +259,7 @@ impl Vm {
             shared: p.shared,
             clock: p.clock,
             stop: StopHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
+            dump: DumpHandle(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?)),
         })
     }
 
@@ -216,6 +271,11 @@ impl Vm {
     /// A handle that stops the VM once it runs; get it before calling `run`.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
+    }
+
+    /// A handle that has the running VM log every NIC's queue state; get it before `run`.
+    pub fn dump_handle(&self) -> DumpHandle {
+        self.dump.clone()
     }
 
     /// Runs the guest until it stops, and returns why. Everything the run started (vCPU threads,
@@ -232,6 +292,8 @@ impl Vm {
                 .try_clone()
                 .map_err(io("cloning the exit eventfd"))?,
             stop: self.stop.0.clone(),
+            dump: self.dump.0.clone(),
+            nets: self.net_infos.clone(),
             latch: latch.clone(),
         })));
         // A system call a filter refuses stops the VM through the stop eventfd.

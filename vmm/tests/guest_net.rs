@@ -59,6 +59,7 @@ ip netns exec $VM_NS "$T" run --kernel $K --initrd $I --memory 512 --net macvtap
 tapir=$!
 for _ in $(seq 1 300); do grep -q "^eth0:" $D/console.txt && break; sleep 0.1; done
 ip netns exec $PEER_NS busybox ping -c 3 -W 2 $GUEST_IP && echo "PING-IN ok"
+kill -USR1 $tapir   # the queue-state dump
 wait $tapir
 echo "tapir-status=$?"
 cat $D/console.txt
@@ -76,6 +77,11 @@ echo "UP-BYTES $(wc -c <$D/upload.bin)"
         ],
     );
     for wanted in [
+        "queue state of eth0 (mvt0)",
+        "queue 0: size 256, device avail ",
+        "guest avail idx ",
+        "used_event ",
+        "    counters: rx_frames=",
         "PING-IN ok",
         "PING-OUT ok",
         "PING-AFTER-RESET ok",

@@ -111,9 +111,7 @@ fn rx_merges_buffers_for_a_large_frame_and_gives_back_the_rest() {
 }
 
 fn stashed_rx_chains(h: &Harness) -> usize {
-    h.net.active.as_ref().expect("active").pairs[0]
-        .rx_stash
-        .len()
+    h.net.state().queues[RX_QUEUE].stashed_chains
 }
 
 #[test]
@@ -360,4 +358,39 @@ fn control_commands_out_of_range_or_unknown_are_refused() {
     let ack = h.control(&[4, 0, 2, 0], 1);
     assert_eq!(h.read(ack, 1), [1]);
     assert_eq!(h.net.pairs_in_use(), 1);
+}
+
+#[test]
+fn the_state_dump_shows_the_device_and_the_guest_rings_side_by_side() {
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    for _ in 0..3 {
+        let b = h.buffer(1526, &[]);
+        h.add_chain(RX_QUEUE, &[(b, 1526, F_WRITE)]);
+    }
+    h.peer.send(&Harness::frame(0, 0, 60)).unwrap();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    let s = h.net.state();
+    assert!(s.active && s.broken.is_none());
+    let rx = &s.queues[RX_QUEUE];
+    assert!(rx.usable);
+    assert_eq!((rx.avail_idx, rx.used_idx), (Some(3), Some(1)));
+    assert_eq!((rx.next_avail, rx.next_used), (3, 1));
+    assert_eq!(rx.stashed_chains, 2, "two chains wait for frames");
+    assert!(
+        s.interrupt_pending,
+        "the guest was interrupted and has not acked"
+    );
+    let text = s.to_string();
+    assert!(text.contains("queue 0: size 256, device avail 3 used 1, guest avail idx 3 used idx 1"));
+    assert!(text.contains("stash 2 chains"), "{text}");
+
+    h.queues[TX_QUEUE].set_avail_idx(300);
+    h.net.process_tx(0);
+    let s = h.net.state();
+    assert!(s
+        .broken
+        .as_deref()
+        .is_some_and(|b| b.contains("avail index 300")));
+    assert!(s.to_string().contains("stopped (queue 1: avail index 300"));
 }

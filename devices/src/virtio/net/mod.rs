@@ -14,6 +14,7 @@ mod device;
 mod event_handler;
 mod iovec;
 mod rx;
+mod state;
 mod tx;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 pub use counters::{NetCounters, NetStats};
 pub use device::{rx_index, tx_index, Net};
+pub use state::{NetState, QueueState};
 
 /// Size of every queue.
 pub const QUEUE_SIZE: u16 = 256;

@@ -53,11 +53,9 @@ pub(super) struct RxStash {
     room: usize,
 }
 
-#[cfg(any(test, feature = "fuzzing"))]
 impl RxStash {
     /// Chains held.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn chains(&self) -> usize {
         self.chains.len()
     }
 

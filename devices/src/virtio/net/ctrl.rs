@@ -6,12 +6,11 @@ use tapir_net_backend::NetBackend;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_MQ,
 };
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::device::{report_malformed, Net, BUDGET};
+use super::device::{report_malformed, Net, Pass, BUDGET};
 use super::Malformed;
-use crate::virtio::queue::{descriptors, pop, put, DriverError};
+use crate::virtio::queue::{descriptors, pop, put};
 use crate::{error_limited, info_limited, warn_limited};
 
 /// Longest command read: class, command and a u16 argument, with room to spare.
@@ -37,6 +36,8 @@ impl<B: NetBackend> Net<B> {
             return;
         }
         let mut used_any = false;
+        // Unless a chain ends it sooner, the pass spends its budget and yields.
+        let mut pass = Pass::Yield;
         for _ in 0..BUDGET {
             let Some(active) = self.active.as_mut() else {
                 return;
@@ -47,10 +48,13 @@ impl<B: NetBackend> Net<B> {
             };
             let chain = match pop(ctrl, mem, index) {
                 Ok(Some(chain)) => chain,
-                Ok(None) => break,
+                Ok(None) => {
+                    pass = Pass::Done;
+                    break;
+                }
                 Err(e) => {
-                    self.fail(e);
-                    return;
+                    pass = Pass::Failed(e);
+                    break;
                 }
             };
             let head = chain.head_index();
@@ -81,34 +85,12 @@ impl<B: NetBackend> Net<B> {
                 return;
             };
             if let Err(e) = put(ctrl, &active.mem, index, head, used) {
-                self.fail(e);
-                return;
+                pass = Pass::Failed(e);
+                break;
             }
             used_any = true;
         }
-        if self.ctrl_has_more(index) {
-            self.reschedule(index);
-        }
-        if used_any {
-            self.notify_guest(index);
-        }
-    }
-
-    /// Whether the control queue holds chains a spent budget left behind.
-    fn ctrl_has_more(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut() else {
-            return false;
-        };
-        let Some(ctrl) = active.ctrl.as_mut() else {
-            return false;
-        };
-        match ctrl.avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire) {
-            Ok(avail) => avail.0 != ctrl.next_avail(),
-            Err(_) => {
-                self.fail(DriverError::Rings { queue: index });
-                false
-            }
-        }
+        self.end_pass(index, pass, used_any);
     }
 
     /// Carries out one command; returns VIRTIO_NET_OK or VIRTIO_NET_ERR.

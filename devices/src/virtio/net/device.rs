@@ -34,6 +34,17 @@ pub const fn tx_index(pair: usize) -> usize {
     2 * pair + 1
 }
 
+/// How a pass over a queue ended.
+pub(super) enum Pass {
+    /// Nothing left to do for now: the queue is empty (notifications are on again), the guest has
+    /// no RX buffers, or the backend has no frames or no room.
+    Done,
+    /// The budget ran out with work possibly left.
+    Yield,
+    /// The driver broke the rules.
+    Failed(DriverError),
+}
+
 /// Most queue pairs a device has.
 pub const MAX_PAIRS: u16 = 31;
 
@@ -272,6 +283,20 @@ impl<B: NetBackend> Net<B> {
             }
         }
         self.resched |= 1 << index;
+    }
+
+    /// What every pass over queue `index` does at its end: serve the queue again on the event
+    /// loop's next turn, or stop the device, as the pass ended; interrupt the guest if it used
+    /// chains and the driver wants to hear of it.
+    pub(super) fn end_pass(&mut self, index: usize, pass: Pass, used_any: bool) {
+        match pass {
+            Pass::Done => {}
+            Pass::Yield => self.reschedule(index),
+            Pass::Failed(e) => self.fail(e),
+        }
+        if used_any {
+            self.notify_guest(index);
+        }
     }
 
     /// The queues of pair `pair` when the device runs, the driver set them up and broke no rule.

@@ -23,7 +23,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, rx_index, Net, BUDGET};
+use super::device::{report_malformed, rx_index, Net, Pass, BUDGET};
 use super::iovec::{push_writable, recycle, writable, write_at};
 use super::{Malformed, HDR_LEN};
 use crate::virtio::queue::{descriptors, pop, put, DriverError, MAX_CHAIN_BUFFERS};
@@ -47,7 +47,7 @@ struct Stashed {
 #[derive(Debug, Default)]
 pub(super) struct RxStash {
     chains: VecDeque<Stashed>,
-    /// The chains' buffers, one after the other; at most MAX_CHAIN_BUFFERS.
+    /// The chains' buffers, one after the other; fewer than 2 * MAX_CHAIN_BUFFERS.
     bufs: VecDeque<(GuestAddress, u32)>,
     /// Writable bytes in all the chains.
     room: usize,
@@ -63,15 +63,6 @@ impl RxStash {
     pub fn buffers(&self) -> usize {
         self.bufs.len()
     }
-}
-
-/// How an RX pass ended.
-enum Pass {
-    /// The backend has nothing more, or the guest no buffers (notifications are on again).
-    Done,
-    /// The budget ran out with frames possibly left.
-    Yield,
-    Failed(DriverError),
 }
 
 impl<B: NetBackend> Net<B> {
@@ -242,13 +233,6 @@ impl<B: NetBackend> Net<B> {
                 }
             }
         };
-        match pass {
-            Pass::Done => {}
-            Pass::Yield => self.reschedule(index),
-            Pass::Failed(e) => self.fail(e),
-        }
-        if used_any {
-            self.notify_guest(index);
-        }
+        self.end_pass(index, pass, used_any);
     }
 }

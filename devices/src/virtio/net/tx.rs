@@ -10,20 +10,11 @@ use tapir_net_backend::NetBackend;
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, tx_index, Net, BUDGET};
+use super::device::{report_malformed, tx_index, Net, Pass, BUDGET};
 use super::iovec::{push_readable, recycle};
 use super::{Malformed, HDR_LEN, MAX_GSO_FRAME};
 use crate::virtio::queue::{descriptors, pop, put, DriverError};
 use crate::warn_limited;
-
-/// How a TX pass ended.
-enum Pass {
-    /// The queue is empty (notifications are on again), or the backend is full.
-    Done,
-    /// The budget ran out with chains left.
-    Yield,
-    Failed(DriverError),
-}
 
 impl<B: NetBackend> Net<B> {
     /// Sends what the guest queued on pair `pair` until the queue is empty, the backend is full or
@@ -116,13 +107,6 @@ impl<B: NetBackend> Net<B> {
                 Err(_) => break Pass::Failed(DriverError::Rings { queue: index }),
             }
         };
-        match pass {
-            Pass::Done => {}
-            Pass::Yield => self.reschedule(index),
-            Pass::Failed(e) => self.fail(e),
-        }
-        if used_any {
-            self.notify_guest(index);
-        }
+        self.end_pass(index, pass, used_any);
     }
 }

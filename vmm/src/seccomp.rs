@@ -73,6 +73,7 @@ impl Kind {
 const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
 const TUNTAP: u32 = b'T' as u32;
 ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
@@ -152,6 +153,8 @@ fn ioctls(kind: Kind) -> Vec<u64> {
         Kind::Vcpu => vec![
             KVM_RUN(),
             KVM_GET_REGS(),
+            // the registers logged when the guest stops on a triple fault or an entry failure
+            KVM_GET_SREGS(),
             KVM_GET_MP_STATE(),
             TUNSETOFFLOAD(),
             TUNSETQUEUE(),

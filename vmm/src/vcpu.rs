@@ -138,6 +138,15 @@ impl Vcpu {
             };
             if let Some(reason) = stop {
                 log::debug!("vCPU {index} stops: {reason}");
+                if matches!(
+                    reason,
+                    ExitReason::TripleFault { .. } | ExitReason::VcpuFailed { .. }
+                ) {
+                    log::error!(
+                        "{reason}; registers: {}",
+                        x86_64::describe_registers(&self.fd)
+                    );
+                }
                 self.shared.latch.request(reason);
                 return;
             }

@@ -158,6 +158,37 @@ pub fn configure_vcpu(vcpu: &VcpuFd, index: u8, t: &VcpuTemplate) -> Result<(), 
         .map_err(fail("setting the local APIC"))
 }
 
+/// The vCPU's registers in one line, for the log when the guest stops on a triple fault or KVM
+/// cannot go on: where it was (RIP, RSP, CR2 for a page fault) and in which mode.
+pub fn describe_registers(vcpu: &VcpuFd) -> String {
+    let regs = match vcpu.get_regs() {
+        Ok(r) => r,
+        Err(e) => return format!("(registers unreadable: {e})"),
+    };
+    let sregs = match vcpu.get_sregs() {
+        Ok(s) => s,
+        Err(e) => return format!("(special registers unreadable: {e})"),
+    };
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rdi={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+         cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} pending_interrupt={:x?}",
+        regs.rip,
+        regs.rsp,
+        regs.rflags,
+        regs.rax,
+        regs.rdi,
+        sregs.cr0,
+        sregs.cr2,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.cs.selector,
+        sregs.idt.base,
+        sregs.idt.limit,
+        sregs.interrupt_bitmap,
+    )
+}
+
 /// True when the vCPU sleeps in HLT with interrupts off (only an NMI or INIT wakes it: how Linux
 /// without ACPI leaves a CPU after poweroff or halt) or was never started by the guest.
 pub fn halted_for_good(vcpu: &VcpuFd) -> Result<bool, kvm_ioctls::Error> {

@@ -1,0 +1,113 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2154,SC2034  # (variables set by the caller, and for it)
+# Shared by scripts/lib/bench-run and scripts/lib/soak-run: boot the test guest with one VMM on the test
+# network's macvtap, talk to it, stop it. Source it after common.sh and `eval "$(scripts/lib/testnet up
+# NAME)"`; it defines functions only. The caller sets:
+#   work           a private directory (console.log, vmm.out, vmm.err, vmm.log and the marker pipe go there)
+#   tapir kernel initrd cpus mem_mib guest_cmdline
+#   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket)
+# VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
+# the macvtap as fd 3 opened on the same /dev/tapN.
+
+qemu_extra=()
+
+in_peer() { ip netns exec "$PEER_NS" "$@"; }
+
+# check_vmm VMM: dies unless VMM is one this host can run.
+check_vmm() {
+    case "$1" in
+        tapir|qemu) ;;
+        qemu-vhost) [ -c /dev/vhost-net ] || die "qemu-vhost needs /dev/vhost-net" ;;
+        *) die "unknown VMM: $1 (tapir, qemu or qemu-vhost)" ;;
+    esac
+}
+
+# The guest's /tapir/run for the bench and the soak: an HTTP server with /cgi-bin/counters (the virtio
+# interrupts summed over CPUs, then eth0's received and sent frames) and an iperf3 server.
+write_guest_script() { # FILE
+    cat >"$1" <<'GUEST'
+mkdir -p /www/cgi-bin
+cat >/www/cgi-bin/counters <<'CGI'
+#!/bin/sh
+echo "Content-Type: text/plain"
+echo
+awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts
+cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets
+CGI
+chmod +x /www/cgi-bin/counters
+httpd -p 80 -h /www
+iperf3 -s >/dev/null 2>&1 &
+while :; do sleep 3600; done
+GUEST
+}
+
+# RSS of PID outside mappings at least as large as guest RAM, in KiB.
+rss_outside_guest() {
+    awk -v guest_kb=$((mem_mib * 1024)) '
+        /^Size:/ { size = $2 }
+        /^Rss:/ { total += $2; if (size >= guest_kb) guest += $2 }
+        END { print total - guest }' "/proc/$1/smaps"
+}
+
+guest_counters() { # -> "virtio_interrupts eth0_frames" (received and sent) from the guest
+    # (timeout, not wget's -T: Debian 12's static busybox wget crashes with -T)
+    in_peer timeout 10 busybox wget -q -O - "http://$GUEST_IP/cgi-bin/counters" \
+        | awk '{ v[NR] = $1 } END { if (NR == 3) print v[1], v[2] + v[3]; else exit 1 }'
+}
+
+# start_vmm VMM: boots the guest; sets vmm_pid and boot_s (seconds from start to the boot marker).
+# Returns 1 (after a log line) when no marker comes within 60 s.
+start_vmm() {
+    local vmm=$1 t0 t1 line= c
+    rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log"
+    mkfifo "$work/mark"
+    t0=$(date +%s.%N)
+    case "$vmm" in
+        tapir)
+            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" \
+                --cpus "$cpus" --memory "$mem_mib" --net fd=3 --boot-timer --stats --console "file=$work/console.log" \
+                --cmdline "$guest_cmdline reboot=k" 3<>"$TAP_DEV" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
+        qemu|qemu-vhost)
+            local vhost=off
+            [ "$vmm" = qemu-vhost ] && vhost=on
+            ip netns exec "$VM_NS" qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off \
+                -enable-kvm -cpu host -smp "$cpus" -m "$mem_mib" -nodefaults -no-user-config -display none \
+                -no-reboot -serial "file:$work/console.log" \
+                -chardev "pipe,id=mark,path=$work/mark" -device isa-debugcon,iobase=0x402,chardev=mark \
+                -netdev "tap,id=n0,fd=3,vhost=$vhost" -device "virtio-net-device,netdev=n0,mac=$MAC,id=net0" "${qemu_extra[@]}" \
+                -kernel "$kernel" -initrd "$initrd" -append "$guest_cmdline reboot=t" \
+                3<>"$TAP_DEV" </dev/null >"$work/vmm.out" 2>"$work/vmm.err" & ;;
+    esac
+    vmm_pid=$!
+    # read-write, so that opening never blocks on a VMM that died first; the reads time out instead
+    exec 4<>"$work/mark"
+    if [ "$vmm" = tapir ]; then
+        while IFS= read -r -t 60 line <&4; do
+            [[ "$line" == *"guest init started"* ]] && break
+        done
+        [[ "$line" == *"guest init started"* ]] || { vmm_rest_of_log; log "$vmm: no boot marker"; return 1; }
+    else
+        IFS= read -r -t 60 -N 1 c <&4 || { vmm_rest_of_log; log "$vmm: no boot marker"; return 1; }
+    fi
+    t1=$(date +%s.%N)
+    vmm_rest_of_log
+    boot_s=$(awk -v a="$t1" -v b="$t0" 'BEGIN {printf "%.3f", a - b}')
+}
+
+# The rest of the marker pipe (Tapir's stderr) into vmm.log, through a read-only descriptor, so that it
+# ends when the VMM does.
+vmm_rest_of_log() {
+    exec 5<"$work/mark" 4<&-
+    cat <&5 >>"$work/vmm.log" &
+    exec 5<&-
+}
+
+stop_vmm() { # SIGTERM, and SIGKILL after 30 s
+    local i
+    [ -n "$vmm_pid" ] || return 0
+    kill "$vmm_pid" 2>/dev/null || true
+    for i in $(seq 60); do kill -0 "$vmm_pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$vmm_pid" 2>/dev/null && log "the VMM (pid $vmm_pid) ignored SIGTERM for 30 s: killed"
+    wait "$vmm_pid" 2>/dev/null || true
+    vmm_pid=
+}

@@ -4,11 +4,11 @@
 //! of these: `pop_descriptor_chain` hides an avail index that ran ahead, `is_valid` and
 //! `add_used` log at error level for each bad call).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::net::Malformed;
 
@@ -90,6 +90,65 @@ pub fn put(
 ) -> Result<(), DriverError> {
     q.add_used(mem, head, len)
         .map_err(|_| DriverError::Rings { queue })
+}
+
+/// Returns the chains of `used` (head, bytes written) to the driver together: their used elements
+/// first, then one store of the used index (release ordering, after everything written into the
+/// buffers), so the driver never sees part of them. A frame spread over several RX chains must
+/// arrive whole: virtio-queue's `add_used` publishes each chain on its own, and a driver polling
+/// meanwhile takes the first chains for a frame that lacks its tail and drops it.
+///
+/// The interrupt decision for a queue served this way goes through [`needs_interrupt`]:
+/// virtio-queue's `needs_notification` counts only the chains `add_used` returned.
+pub fn put_all(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    queue: usize,
+    used: &[(u16, u32)],
+) -> Result<(), DriverError> {
+    let size = q.size();
+    let ring = q.used_ring();
+    let mut next = q.next_used();
+    for &(head, len) in used {
+        if head >= size {
+            return Err(DriverError::BadHead { queue, head, size });
+        }
+        // struct virtq_used_elem { le32 id; le32 len; } after the 4-byte flags and idx
+        let elem = GuestAddress(ring + 4 + 8 * u64::from(next % size));
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        bytes[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&bytes, elem)
+            .map_err(|_| DriverError::Rings { queue })?;
+        next = next.wrapping_add(1);
+    }
+    mem.store(next.to_le(), GuestAddress(ring + 2), Ordering::Release)
+        .map_err(|_| DriverError::Rings { queue })?;
+    q.set_next_used(next);
+    Ok(())
+}
+
+/// Whether the driver wants an interrupt for the chains used since the device's used index was
+/// `since` (its value at the last decision): with EVENT_IDX, when its used_event lies in
+/// [since, next_used); without, always (as virtio-queue: the NO_INTERRUPT flag is a hint).
+pub fn needs_interrupt(
+    q: &Queue,
+    mem: &GuestMemoryMmap,
+    queue: usize,
+    since: u16,
+) -> Result<bool, DriverError> {
+    // the used index stored before the driver's used_event is read
+    fence(Ordering::SeqCst);
+    if !q.event_idx_enabled() {
+        return Ok(true);
+    }
+    let at = GuestAddress(q.avail_ring() + 4 + 2 * u64::from(q.size()));
+    let used_event = u16::from_le(
+        mem.load::<u16>(at, Ordering::Acquire)
+            .map_err(|_| DriverError::Rings { queue })?,
+    );
+    let now = q.next_used();
+    Ok(now.wrapping_sub(used_event).wrapping_sub(1) < now.wrapping_sub(since))
 }
 
 /// Walks a chain's descriptors, at most [`MAX_CHAIN_BUFFERS`] of them (virtio-queue's iterator

@@ -169,6 +169,13 @@ pub fn describe_registers(vcpu: &VcpuFd) -> String {
         Ok(s) => s,
         Err(e) => return format!("(special registers unreadable: {e})"),
     };
+    // KVM on AMD re-initialises the vCPU after a triple fault (its VMCB is undefined then)
+    let reset = if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+        " (the reset state: KVM on AMD re-initialises a vCPU that triple-faulted, so where it \
+         faulted is lost)"
+    } else {
+        ""
+    };
     format!(
         "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rdi={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
          cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} pending_interrupt={:x?}",
@@ -186,7 +193,7 @@ pub fn describe_registers(vcpu: &VcpuFd) -> String {
         sregs.idt.base,
         sregs.idt.limit,
         sregs.interrupt_bitmap,
-    )
+    ) + reset
 }
 
 /// True when the vCPU sleeps in HLT with interrupts off (only an NMI or INIT wakes it: how Linux

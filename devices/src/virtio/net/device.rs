@@ -17,14 +17,14 @@ use vmm_sys_util::eventfd::EventFd;
 use super::counters::NetCounters;
 use super::rx::RxStash;
 use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE};
-use crate::virtio::queue::{usable, DriverError};
+use crate::virtio::queue::{needs_interrupt, usable, DriverError};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 use crate::{error_limited, info_limited, warn_limited};
 
 /// Most chains (TX, control) or frames (RX) one pass over a queue handles before it yields to the
 /// other queues, NICs and the stop path; the queue is then served again on the next turn of the
 /// event loop (see `reschedule`).
-pub const BUDGET: usize = QUEUE_SIZE as usize / 2;
+pub const BUDGET: usize = 128;
 
 /// Queue index of pair `p`'s receive queue, and of its transmit queue.
 pub const fn rx_index(pair: usize) -> usize {
@@ -63,6 +63,8 @@ pub(super) struct ActivePair {
     pub tx: Queue,
     /// RX chains taken from `rx` that no frame has used yet.
     pub rx_stash: RxStash,
+    /// `rx`'s next used index when the device last decided whether to interrupt the guest.
+    pub rx_decided_at: u16,
     /// Both queues are ready and inside guest memory; a pair the driver left unset is never
     /// touched (not even its rings' flags, which would sit at guest address 0).
     pub usable: bool,
@@ -106,6 +108,7 @@ pub struct Net<B: NetBackend> {
     pub(super) rx_iov: Vec<RecvBuf<'static>>,
     pub(super) tx_iov: Vec<SendBuf<'static>>,
     pub(super) rx_hdr_bufs: Vec<(GuestAddress, u32)>,
+    pub(super) rx_used: Vec<(u16, u32)>,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -176,6 +179,7 @@ impl<B: NetBackend> Net<B> {
             rx_iov: Vec::with_capacity(64),
             tx_iov: Vec::with_capacity(64),
             rx_hdr_bufs: Vec::with_capacity(4),
+            rx_used: Vec::with_capacity(64),
         })
     }
 
@@ -227,15 +231,18 @@ impl<B: NetBackend> Net<B> {
             return;
         };
         let pair = index / 2;
-        let q = match active.pairs.get_mut(pair) {
-            Some(p) if index % 2 == 0 => &mut p.rx,
-            Some(p) => &mut p.tx,
+        let wanted = match active.pairs.get_mut(pair) {
+            // RX returns a frame's chains together (put_all), which needs_notification misses
+            Some(p) if index % 2 == 0 => {
+                let since = std::mem::replace(&mut p.rx_decided_at, p.rx.next_used());
+                needs_interrupt(&p.rx, &active.mem, index, since).map_err(|_| ())
+            }
+            Some(p) => p.tx.needs_notification(&active.mem).map_err(|_| ()),
             None => match active.ctrl.as_mut() {
-                Some(ctrl) => ctrl,
+                Some(ctrl) => ctrl.needs_notification(&active.mem).map_err(|_| ()),
                 None => return,
             },
         };
-        let wanted = q.needs_notification(&active.mem);
         let interrupt = active.interrupt.clone();
         match wanted {
             Ok(false) => {}
@@ -394,6 +401,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
                     rx,
                     tx,
                     rx_stash: RxStash::default(),
+                    rx_decided_at: 0,
                     usable,
                 });
             }

@@ -174,6 +174,91 @@ fn a_malformed_rx_chain_behind_stashed_ones_is_returned_at_once() {
 }
 
 #[test]
+fn a_frame_over_several_chains_is_published_whole_and_interrupts_as_event_idx_says() {
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let mut h = Harness::new(TUN_F_ALL);
+    let queues = h
+        .queues
+        .iter()
+        .map(|d| {
+            let mut q = d.create_queue();
+            q.set_event_idx(true);
+            q
+        })
+        .collect();
+    h.start_with(V1 | MRG | bit(VIRTIO_RING_F_EVENT_IDX), queues);
+    let (avail, used, size) = {
+        let d = &h.queues[RX_QUEUE];
+        (d.avail, d.used, d.size)
+    };
+    let used_idx = |h: &Harness| h.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+    // used_event 1: the driver wants an interrupt once the device passes used index 1
+    h.mem
+        .write_obj(1u16, GuestAddress(avail + 4 + 2 * u64::from(size)))
+        .unwrap();
+    for _ in 0..4 {
+        let b = h.buffer(100, &[]);
+        h.add_chain(RX_QUEUE, &[(b, 100, F_WRITE)]);
+    }
+    h.peer.send(&Harness::frame(0, 0, 150)).unwrap(); // two chains: used entries 0 and 1
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    assert_eq!(used_idx(&h), 2);
+    assert_eq!(h.used(RX_QUEUE), vec![(0, 100), (1, 62)]);
+    assert!(h.irq.read().is_ok(), "used_event 1 was passed");
+
+    h.peer.send(&Harness::frame(0, 0, 10)).unwrap(); // used entry 2: used_event is behind
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    assert_eq!(used_idx(&h), 3);
+    assert!(
+        h.irq.read().is_err(),
+        "no interrupt the driver did not ask for"
+    );
+
+    h.mem
+        .write_obj(3u16, GuestAddress(avail + 4 + 2 * u64::from(size)))
+        .unwrap();
+    h.peer.send(&Harness::frame(0, 0, 10)).unwrap();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    assert!(h.irq.read().is_ok(), "used_event 3 was passed");
+}
+
+#[test]
+fn a_frame_waits_for_room_rather_than_being_cut_short_once_the_driver_posted_enough() {
+    // GUEST_TSO4: the largest frame is 65562 bytes; two 40000-byte buffers hold one.
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG | bit(VIRTIO_NET_F_GUEST_TSO4));
+    let bufs: Vec<u64> = (0..3).map(|_| h.buffer(40000, &[])).collect();
+    for b in &bufs[..2] {
+        h.add_chain(RX_QUEUE, &[(*b, 40000, F_WRITE)]);
+    }
+    h.peer.send(&Harness::frame(0, 0, 100)).unwrap();
+    let big = Harness::frame(0, 0, 50000);
+    h.peer.send(&big).unwrap();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    assert_eq!(
+        h.used(RX_QUEUE),
+        vec![(0, 112)],
+        "the big frame is not read into the 40000 bytes left"
+    );
+    assert_eq!(h.net.counters().snapshot().rx_no_buffers, 1);
+    assert!(h.net.pairs[0].rx_pending);
+
+    h.add_chain(RX_QUEUE, &[(bufs[2], 40000, F_WRITE)]);
+    h.net.process_rx(0); // the guest's notification
+    assert_eq!(h.used(RX_QUEUE)[1..], [(1, 40000), (2, 10012)]);
+    let mut got = h.read(bufs[1], 40000);
+    got.extend(h.read(bufs[2], 10012));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+    assert_eq!(&got[12..], &big[12..], "the frame arrives whole");
+}
+
+#[test]
 fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
     let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
     h.peer.send(&Harness::frame(0, 0, 40)).unwrap();

@@ -26,7 +26,7 @@ use super::counters::NetCounters;
 use super::device::{report_malformed, rx_index, Net, Pass, BUDGET};
 use super::iovec::{push_writable, recycle, writable, write_at};
 use super::{Malformed, HDR_LEN};
-use crate::virtio::queue::{descriptors, pop, put, DriverError, MAX_CHAIN_BUFFERS};
+use crate::virtio::queue::{descriptors, pop, put, put_all, DriverError, MAX_CHAIN_BUFFERS};
 use crate::warn_limited;
 
 /// Offset of num_buffers in the virtio-net header.
@@ -51,6 +51,9 @@ pub(super) struct RxStash {
     bufs: VecDeque<(GuestAddress, u32)>,
     /// Writable bytes in all the chains.
     room: usize,
+    /// The stash once held room for the largest frame: this driver keeps enough buffers posted
+    /// (Linux fills its whole ring), so a frame waits for room rather than being cut short.
+    room_seen: bool,
 }
 
 impl RxStash {
@@ -95,6 +98,7 @@ impl<B: NetBackend> Net<B> {
             }
             budget -= 1;
             // Top the stash up to room for the largest frame.
+            let mut ring_empty = false;
             while stash.room < active.rx_frame_max
                 && stash.chains.len() < max_chains
                 && stash.bufs.len() < MAX_CHAIN_BUFFERS
@@ -102,7 +106,10 @@ impl<B: NetBackend> Net<B> {
             {
                 let chain = match pop(rx, mem, index) {
                     Ok(Some(chain)) => chain,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        ring_empty = true;
+                        break;
+                    }
                     Err(e) => break 'frames Pass::Failed(e),
                 };
                 let head = chain.head_index();
@@ -138,7 +145,18 @@ impl<B: NetBackend> Net<B> {
                 });
                 stash.room += len as usize;
             }
-            if stash.chains.is_empty() {
+            // With MRG_RXBUF a frame may need many chains, and one that finds too little room is
+            // cut short by the read and dropped by the guest. A driver that has posted room for
+            // the largest frame before will again: wait for it to add buffers while the stash is
+            // below its caps, as for an empty ring. (A driver that never posts that much gets
+            // what fits, rather than nothing.)
+            stash.room_seen |= stash.room >= active.rx_frame_max;
+            let short = max_chains > 1
+                && stash.room_seen
+                && stash.room < active.rx_frame_max
+                && stash.bufs.len() < MAX_CHAIN_BUFFERS
+                && stash.chains.len() < usize::from(rx.size());
+            if stash.chains.is_empty() || (short && (ring_empty || budget == 0)) {
                 if budget == 0 {
                     break Pass::Yield;
                 }
@@ -189,28 +207,35 @@ impl<B: NetBackend> Net<B> {
                     let first_bufs = stash.chains.front().map_or(0, |c| c.bufs);
                     self.rx_hdr_bufs
                         .extend(stash.bufs.iter().take(first_bufs).copied());
+                    // The chains the frame filled, its num_buffers, then the chains returned
+                    // together: the driver must never see part of a frame.
+                    self.rx_used.clear();
                     let mut remaining = n;
-                    let mut used_chains = 0u16;
-                    while let Some(&chain) = stash.chains.front() {
-                        if remaining == 0 && used_chains > 0 {
+                    for chain in &stash.chains {
+                        if remaining == 0 && !self.rx_used.is_empty() {
                             break;
                         }
                         let used = u32::try_from(remaining).map_or(chain.len, |r| r.min(chain.len));
-                        if let Err(e) = put(rx, mem, index, chain.head, used) {
-                            break 'frames Pass::Failed(e);
-                        }
+                        self.rx_used.push((chain.head, used));
                         remaining -= used as usize;
-                        used_chains += 1;
-                        stash.chains.pop_front();
-                        stash.bufs.drain(..chain.bufs);
-                        stash.room -= chain.len as usize;
                     }
+                    // at most MAX_CHAIN_BUFFERS chains
+                    let used_chains = u16::try_from(self.rx_used.len()).unwrap_or(u16::MAX);
                     write_at(
                         mem,
                         &self.rx_hdr_bufs,
                         NUM_BUFFERS_OFFSET,
                         &used_chains.to_le_bytes(),
                     );
+                    if let Err(e) = put_all(rx, mem, index, &self.rx_used) {
+                        break 'frames Pass::Failed(e);
+                    }
+                    for _ in 0..self.rx_used.len() {
+                        if let Some(chain) = stash.chains.pop_front() {
+                            stash.bufs.drain(..chain.bufs);
+                            stash.room -= chain.len as usize;
+                        }
+                    }
                     let mut hdr = [0u8; 2];
                     if let Some((addr, _)) = self.rx_hdr_bufs.first() {
                         let _ = mem.read_slice(&mut hdr, *addr);

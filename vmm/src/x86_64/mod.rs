@@ -1,6 +1,7 @@
 //! x86_64 direct boot: guest memory layout, the structures the Linux boot protocol and an MP-capable
 //! guest expect in memory, and each vCPU's entry state.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;

@@ -6,6 +6,7 @@ pub mod net;
 pub mod queue;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
@@ -31,6 +32,10 @@ pub struct Interrupt {
     status: AtomicU32,
     raised: AtomicU64,
     needs_reset: AtomicBool,
+    /// When the InterruptStatus bits last went from none to some, in ms after `epoch`.
+    epoch: Instant,
+    pending_since_ms: AtomicU64,
+    resent: AtomicU64,
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -50,13 +55,50 @@ impl Interrupt {
             status: AtomicU32::new(0),
             raised: AtomicU64::new(0),
             needs_reset: AtomicBool::new(false),
+            epoch: Instant::now(),
+            pending_since_ms: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
         }
     }
 
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn raise(&self, bit: u32) -> std::io::Result<()> {
-        self.status.fetch_or(bit, Ordering::SeqCst);
+        if self.status.fetch_or(bit, Ordering::SeqCst) == 0 {
+            self.pending_since_ms
+                .store(self.ms_since_epoch(Instant::now()), Ordering::SeqCst);
+        }
         self.raised.fetch_add(1, Ordering::Relaxed);
         self.irqfd.write(1)
+    }
+
+    /// Raises the interrupt again if the guest has left it unacknowledged for `after` or longer
+    /// at `now`, and says whether it did. The irqfd gives the guest an edge, and an edge that
+    /// never reaches the guest's handler would leave the device waiting for an acknowledgement
+    /// that never comes (seen in nested KVM: the status bit set, the guest deaf for good); the
+    /// InterruptStatus bits stay set until the handler acknowledges them, so raising the line
+    /// again costs the guest at most one spurious interrupt.
+    pub fn resend_if_overdue(&self, now: Instant, after: Duration) -> std::io::Result<bool> {
+        if self.status() == 0 {
+            return Ok(false);
+        }
+        let now_ms = self.ms_since_epoch(now);
+        let since = self.pending_since_ms.load(Ordering::SeqCst);
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        if now_ms.saturating_sub(since) < after_ms {
+            return Ok(false);
+        }
+        self.pending_since_ms.store(now_ms, Ordering::SeqCst);
+        self.resent.fetch_add(1, Ordering::Relaxed);
+        self.irqfd.write(1)?;
+        Ok(true)
+    }
+
+    /// Interrupts raised again by [`Interrupt::resend_if_overdue`].
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 
     /// "The device used buffers in a queue."
@@ -138,4 +180,60 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     ) -> Result<(), ActivateError>;
     /// Stops the device and forgets the driver's queues and features (status written 0).
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OVERDUE: Duration = Duration::from_millis(500);
+
+    fn interrupt() -> (Interrupt, EventFd) {
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (Interrupt::new(irqfd.try_clone().unwrap()), irqfd)
+    }
+
+    #[test]
+    fn an_interrupt_the_guest_leaves_unacknowledged_is_raised_again_once_overdue() {
+        let (irq, line) = interrupt();
+        let t0 = Instant::now();
+        irq.signal_used().unwrap();
+        assert_eq!(line.read().unwrap(), 1);
+        assert!(!irq.resend_if_overdue(t0, OVERDUE).unwrap(), "not yet");
+        let later = Instant::now() + OVERDUE;
+        assert!(irq.resend_if_overdue(later, OVERDUE).unwrap());
+        assert_eq!(line.read().unwrap(), 1, "the line raised again");
+        assert!(
+            !irq.resend_if_overdue(later, OVERDUE).unwrap(),
+            "and then not again before another wait"
+        );
+        assert!(irq.resend_if_overdue(later + OVERDUE, OVERDUE).unwrap());
+        assert_eq!(irq.resent(), 2);
+    }
+
+    #[test]
+    fn an_acknowledged_interrupt_is_never_raised_again() {
+        let (irq, line) = interrupt();
+        irq.signal_used().unwrap();
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        let _ = line.read();
+        let much_later = Instant::now() + 10 * OVERDUE;
+        assert!(!irq.resend_if_overdue(much_later, OVERDUE).unwrap());
+        assert!(line.read().is_err(), "no edge");
+        assert_eq!(irq.resent(), 0);
+    }
+
+    #[test]
+    fn the_wait_starts_when_the_first_unacknowledged_interrupt_was_raised() {
+        let (irq, _line) = interrupt();
+        irq.signal_used().unwrap();
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        // raised anew after an acknowledgement: the clock starts again
+        std::thread::sleep(Duration::from_millis(30));
+        let raised = Instant::now();
+        irq.signal_used().unwrap();
+        let wait = Duration::from_millis(25);
+        assert!(!irq.resend_if_overdue(raised, wait).unwrap());
+        assert!(irq.resend_if_overdue(raised + wait, wait).unwrap());
+    }
 }

@@ -52,6 +52,7 @@ counters! {
     rx_notifications: "Guest notifications on the RX queue.",
     tx_notifications: "Guest notifications on the TX queue.",
     interrupts: "Interrupts sent to the guest.",
+    interrupts_resent: "Interrupts raised again because the guest left one unacknowledged for 0.5 s (lost on its way).",
 }
 
 impl NetCounters {

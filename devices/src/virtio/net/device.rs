@@ -6,6 +6,7 @@
 //! several pairs a control queue last. Pair `p` is served by backend `p` (one macvtap queue each).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tapir_net_backend::{offload, NetBackend, RecvBuf, SendBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -13,6 +14,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::rx::RxStash;
@@ -25,6 +27,11 @@ use crate::{error_limited, info_limited, warn_limited};
 /// other queues, NICs and the stop path; the queue is then served again on the next turn of the
 /// event loop (see `reschedule`).
 pub const BUDGET: usize = 128;
+
+/// How long the guest may leave an interrupt unacknowledged before the device raises it again,
+/// and how often that is checked.
+pub const INTERRUPT_OVERDUE: Duration = Duration::from_millis(500);
+pub const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
 
 /// Queue index of pair `p`'s receive queue, and of its transmit queue.
 pub const fn rx_index(pair: usize) -> usize {
@@ -104,6 +111,9 @@ pub struct Net<B: NetBackend> {
     pub(super) yield_evt: EventFd,
     /// One bit per queue index.
     pub(super) resched: u64,
+    /// Fires every [`WATCHDOG_PERIOD`]: an interrupt the guest left unacknowledged for
+    /// [`INTERRUPT_OVERDUE`] is raised again.
+    pub(super) watchdog: TimerFd,
     // Scratch space reused for every frame.
     pub(super) rx_iov: Vec<RecvBuf<'static>>,
     pub(super) tx_iov: Vec<SendBuf<'static>>,
@@ -176,6 +186,11 @@ impl<B: NetBackend> Net<B> {
             broken: None,
             yield_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             resched: 0,
+            watchdog: {
+                let mut t = TimerFd::new()?;
+                t.reset(WATCHDOG_PERIOD, Some(WATCHDOG_PERIOD))?;
+                t
+            },
             rx_iov: Vec::with_capacity(64),
             tx_iov: Vec::with_capacity(64),
             rx_hdr_bufs: Vec::with_capacity(4),
@@ -253,6 +268,26 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             Err(_) => self.fail(DriverError::Rings { queue: index }),
+        }
+    }
+
+    /// The watchdog's turn: raise again an interrupt the guest has not acknowledged for
+    /// [`INTERRUPT_OVERDUE`] (see [`Interrupt::resend_if_overdue`]).
+    pub(super) fn check_interrupt(&mut self, now: Instant) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        match active.interrupt.resend_if_overdue(now, INTERRUPT_OVERDUE) {
+            Ok(false) => {}
+            Ok(true) => {
+                NetCounters::add(&self.counters.interrupts_resent, 1);
+                warn_limited!(
+                    "{}: the guest left an interrupt unacknowledged for {} ms; raised it again",
+                    self.name,
+                    INTERRUPT_OVERDUE.as_millis()
+                );
+            }
+            Err(e) => error_limited!("{}: raising the interrupt again: {e}", self.name),
         }
     }
 

@@ -259,6 +259,36 @@ fn a_frame_waits_for_room_rather_than_being_cut_short_once_the_driver_posted_eno
 }
 
 #[test]
+fn an_interrupt_the_guest_never_acknowledges_is_raised_again_by_the_watchdog() {
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    let b = h.buffer(2048, &[]);
+    h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
+    h.peer.send(&Harness::frame(0, 0, 40)).unwrap();
+    h.net.pairs[0].rx_pending = true;
+    h.net.process_rx(0);
+    assert!(h.irq.read().is_ok(), "the frame's interrupt");
+
+    // the guest never runs its handler: the status bit stays set
+    let later = Instant::now() + Duration::from_millis(600);
+    h.net.check_interrupt(later);
+    assert!(h.irq.read().is_ok(), "raised again");
+    assert_eq!(h.net.counters().snapshot().interrupts_resent, 1);
+    h.net.check_interrupt(later);
+    assert!(h.irq.read().is_err(), "not again at once");
+
+    h.interrupt.as_ref().unwrap().ack(VIRTIO_MMIO_INT_VRING);
+    h.net.check_interrupt(later + Duration::from_secs(5));
+    assert!(
+        h.irq.read().is_err(),
+        "an acknowledged interrupt is left alone"
+    );
+    assert_eq!(h.net.counters().snapshot().interrupts_resent, 1);
+}
+
+#[test]
 fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
     let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
     h.peer.send(&Harness::frame(0, 0, 40)).unwrap();

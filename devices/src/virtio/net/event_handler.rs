@@ -1,7 +1,8 @@
 //! The device in the VMM's event loop: the state eventfd (activation, reset) is always watched;
 //! the queue notifications and each backend's fd (edge-triggered, read to EAGAIN) only while the
 //! driver runs the device. Each registration carries a token: the queue index for a queue, or
-//! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget.
+//! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget;
+//! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -14,6 +15,7 @@ use crate::error_limited;
 
 const STATE: u32 = u32::MAX;
 const YIELD: u32 = u32::MAX - 1;
+const WATCHDOG: u32 = u32::MAX - 2;
 const BACKEND: u32 = 1 << 16;
 
 impl<B: NetBackend> Net<B> {
@@ -62,6 +64,9 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 error_limited!("{}: registering an eventfd: {e:?}", self.name);
             }
         }
+        if let Err(e) = ops.add(Events::with_data(&self.watchdog, WATCHDOG, EventSet::IN)) {
+            error_limited!("{}: registering the interrupt watchdog: {e:?}", self.name);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -77,6 +82,9 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         } else if token == YIELD {
             let _ = self.yield_evt.read();
             self.serve_yielded();
+        } else if token == WATCHDOG {
+            let _ = self.watchdog.wait();
+            self.check_interrupt(std::time::Instant::now());
         } else if token >= BACKEND {
             let p = (token - BACKEND) as usize;
             let set = events.event_set();

@@ -55,10 +55,26 @@ guest_counters() { # -> "virtio_interrupts eth0_frames" (received and sent) from
         | awk '{ v[NR] = $1 } END { if (NR == 3) print v[1], v[2] + v[3]; else exit 1 }'
 }
 
+# answers: the guest answers the peer, over HTTP or else to a ping.
+answers() {
+    guest_counters >/dev/null 2>&1 || in_peer busybox ping -c 2 -W 2 "$GUEST_IP" >/dev/null 2>&1
+}
+
+# answers_within SECONDS: the guest answers within SECONDS; 1 at once when the VMM is gone.
+answers_within() {
+    local end=$((SECONDS + $1))
+    while :; do
+        answers && return 0
+        kill -0 "$vmm_pid" 2>/dev/null || return 1
+        [ "$SECONDS" -lt "$end" ] || return 1
+        sleep 1
+    done
+}
+
 # start_vmm VMM: boots the guest; sets vmm_pid and boot_s (seconds from start to the boot marker).
 # Returns 1 (after a log line) when no marker comes within 60 s.
 start_vmm() {
-    local vmm=$1 t0 t1 line= c
+    local vmm=$1 t0 t1 line='' c
     rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log"
     mkfifo "$work/mark"
     t0=$(date +%s.%N)

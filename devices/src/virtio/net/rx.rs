@@ -13,6 +13,11 @@
 //! only while it holds fewer, so it never holds more than twice that, whatever the guest posts: a
 //! guest of tiny buffers behind huge indirect tables gets reads of at most that many buffers, each
 //! chain is still walked once, and the host's memory for RX stays a few KiB per queue pair.
+//!
+//! A frame's chains go back to the guest together, after its num_buffers (`queue::put_all`): a
+//! driver polling on another CPU must never see part of a frame. And once the driver has posted
+//! room for the largest frame, a frame waits for room again rather than being cut short by the
+//! read (the guest would drop it).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

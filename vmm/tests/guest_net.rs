@@ -78,7 +78,7 @@ echo "UP-BYTES $(wc -c <$D/upload.bin)"
     );
     for wanted in [
         "queue state of eth0 (mvt0)",
-        "queue 0: size 256, device avail ",
+        "queue 0: size 1024, device avail ",
         "guest avail idx ",
         "used_event ",
         "    counters: rx_frames=",

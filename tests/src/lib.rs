@@ -98,17 +98,31 @@ impl std::fmt::Display for Run {
     }
 }
 
-/// Runs `scripts/lab LAB_ARGS -- CMD...` from the repository root and waits for it.
+/// What scripts/lab says when its inner host itself went down under the command (the outer QEMU
+/// exited): the lab failed, not the command.
+const LAB_DIED: &str = "the inner host stopped while the command was running";
+
+/// Runs `scripts/lab LAB_ARGS -- CMD...` from the repository root and waits for it. The lab's
+/// inner host (QEMU TCG emulating SVM) now and then goes down by itself; such a run says nothing
+/// about the command and is run once more, saying so.
 pub fn lab(lab_args: &[&str], cmd: &[&str]) -> Run {
-    let out = Command::new(repo_root().join("scripts/lab"))
-        .args(lab_args)
-        .arg("--")
-        .args(cmd)
-        .current_dir(repo_root())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("starting scripts/lab");
-    Run::from_output(out)
+    let once = || {
+        let out = Command::new(repo_root().join("scripts/lab"))
+            .args(lab_args)
+            .arg("--")
+            .args(cmd)
+            .current_dir(repo_root())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("starting scripts/lab");
+        Run::from_output(out)
+    };
+    let run = once();
+    if run.status == Some(125) && run.stderr.contains(LAB_DIED) {
+        println!("the lab's inner host went down under the command; running it once more\n{run}");
+        return once();
+    }
+    run
 }
 
 /// True when this host's CPU has hardware virtualization (vmx/svm), so guests run on its own KVM.

@@ -5,11 +5,13 @@
 # NAME)"`; it defines functions only. The caller sets:
 #   work           a private directory (console.log, vmm.out, vmm.err, vmm.log and the marker pipe go there)
 #   tapir kernel initrd cpus mem_mib guest_cmdline
-#   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket)
+#   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket), and tapir_net,
+#   Tapir's --net SPEC (default fd=3, the test network's macvtap; another SPEC gets /dev/null as fd 3)
 # VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
 # the macvtap as fd 3 opened on the same /dev/tapN.
 
 qemu_extra=()
+tapir_net=fd=3
 
 in_peer() { ip netns exec "$PEER_NS" "$@"; }
 
@@ -80,9 +82,11 @@ start_vmm() {
     t0=$(date +%s.%N)
     case "$vmm" in
         tapir)
+            local fd3=$TAP_DEV
+            [ "$tapir_net" = fd=3 ] || fd3=/dev/null
             ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" \
-                --cpus "$cpus" --memory "$mem_mib" --net fd=3 --boot-timer --stats --console "file=$work/console.log" \
-                --cmdline "$guest_cmdline reboot=k" 3<>"$TAP_DEV" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
+                --cpus "$cpus" --memory "$mem_mib" --net "$tapir_net" --boot-timer --stats --console "file=$work/console.log" \
+                --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)
             local vhost=off
             [ "$vmm" = qemu-vhost ] && vhost=on

@@ -4,7 +4,6 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -529,11 +528,7 @@ impl VmBuilder {
             vcpu_fds.push(fd);
         }
 
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            latch,
-            halted: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
-        });
+        let shared = Arc::new(Shared::new(latch, usize::from(vcpus)));
         Vm::new(crate::vm::Parts {
             vm,
             memory,

@@ -40,7 +40,8 @@ enum Command {
     /// Boot a Linux kernel and run it until it reboots or powers off.
     ///
     /// SIGUSR1 logs every NIC's queue state (the device's positions next to the guest's rings,
-    /// the RX stash, a pending interrupt, driver errors, counters).
+    /// the RX stash, a pending interrupt, driver errors, counters), then the IOAPIC's pins and each
+    /// vCPU's interrupt state (sleeping, interrupts on, local APIC IRR and ISR).
     ///
     /// Example: tapir run --kernel guest-images/out/bzImage --initrd guest-images/out/initramfs.cpio.gz --cpus 2
     #[command(after_help = EXIT_STATUS_HELP)]

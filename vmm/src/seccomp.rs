@@ -19,7 +19,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// Which threads run sandboxed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +75,14 @@ ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
 const TUNTAP: u32 = b'T' as u32;
 ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
 ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, libc::c_int);
@@ -156,11 +164,15 @@ fn ioctls(kind: Kind) -> Vec<u64> {
             // the registers logged when the guest stops on a triple fault or an entry failure
             KVM_GET_SREGS(),
             KVM_GET_MP_STATE(),
+            // the interrupt state a queue-state dump logs
+            KVM_GET_LAPIC(),
+            KVM_GET_VCPU_EVENTS(),
             TUNSETOFFLOAD(),
             TUNSETQUEUE(),
         ],
         Kind::Devices => vec![TUNSETOFFLOAD(), TUNSETQUEUE()],
-        Kind::Main => vec![libc::TCSETS],
+        // TCSETS restores the terminal; KVM_GET_IRQCHIP reads the IOAPIC for a queue-state dump
+        Kind::Main => vec![libc::TCSETS, KVM_GET_IRQCHIP()],
         Kind::ConsoleIn | Kind::ConsoleOut => Vec::new(),
     }
     .into_iter()

@@ -23,6 +23,23 @@ pub(crate) struct Shared {
     pub latch: Arc<ExitLatch>,
     /// Per vCPU: asleep with interrupts off when last kicked.
     pub halted: Vec<AtomicBool>,
+    /// Set by a queue-state dump request: the main loop logs the IOAPIC and kicks the vCPUs.
+    pub dump_requested: AtomicBool,
+    /// Per vCPU: log its interrupt state at its next exit (the main loop kicks until it has).
+    pub dump: Vec<AtomicBool>,
+}
+
+impl Shared {
+    pub fn new(latch: Arc<ExitLatch>, vcpus: usize) -> Self {
+        let flags = || (0..vcpus).map(|_| AtomicBool::new(false)).collect();
+        Self {
+            stop: AtomicBool::new(false),
+            latch,
+            halted: flags(),
+            dump_requested: AtomicBool::new(false),
+            dump: flags(),
+        }
+    }
 }
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -71,6 +88,13 @@ impl Vcpu {
     fn run(mut self) {
         let index = self.index;
         while !self.shared.stop.load(Ordering::Acquire) {
+            if self.shared.dump[usize::from(index)].swap(false, Ordering::AcqRel) {
+                log::warn!(
+                    target: crate::vm::QUEUE_STATE_TARGET,
+                    "vCPU {index}: {}",
+                    x86_64::describe_interrupt_state(&self.fd)
+                );
+            }
             let stop = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {

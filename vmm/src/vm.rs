@@ -25,6 +25,7 @@ use crate::exit::{ExitLatch, ExitReason, RunReport};
 use crate::kvm_stats::{Stat, VcpuStats};
 use crate::seccomp::{self, Filters, Kind, SeccompError};
 use crate::vcpu::{self, Shared, Vcpu};
+use crate::x86_64;
 
 /// How often the main loop kicks the vCPUs to see whether the guest has powered off.
 const HALT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -167,7 +168,7 @@ pub(crate) struct Parts {
 pub struct Vm {
     // Field order is drop order: the VM file descriptor goes before the memory it maps.
     vcpus: Vec<VcpuFd>,
-    _vm: VmFd,
+    vm: VmFd,
     _memory: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -193,6 +194,7 @@ struct Control {
     dump: Arc<EventFd>,
     nets: Vec<NetInfo>,
     latch: Arc<ExitLatch>,
+    shared: Arc<Shared>,
 }
 
 impl MutEventSubscriber for Control {
@@ -226,6 +228,8 @@ impl MutEventSubscriber for Control {
                     counters.join(" ")
                 );
             }
+            // The interrupt controllers' side follows from the main loop, which can kick the vCPUs.
+            self.shared.dump_requested.store(true, Ordering::Release);
         } else {
             let _ = self.wake.read();
         }
@@ -244,7 +248,7 @@ impl Vm {
     pub(crate) fn new(p: Parts) -> std::io::Result<Self> {
         Ok(Self {
             vcpus: p.vcpus,
-            _vm: p.vm,
+            vm: p.vm,
             _memory: p.memory,
             pio: p.pio,
             mmio: p.mmio,
@@ -295,6 +299,7 @@ impl Vm {
             dump: self.dump.0.clone(),
             nets: self.net_infos.clone(),
             latch: latch.clone(),
+            shared: self.shared.clone(),
         })));
         // A system call a filter refuses stops the VM through the stop eventfd.
         let _denial = seccomp::StopOnDenial::new(self.stop.0.as_raw_fd());
@@ -393,10 +398,29 @@ impl Vm {
         while latch.reason().is_none() {
             let wait = next_check.saturating_duration_since(Instant::now());
             events.run_with_timeout(wait.as_millis() as i32)?;
+            if self.shared.dump_requested.swap(false, Ordering::AcqRel) {
+                log::warn!(
+                    target: QUEUE_STATE_TARGET,
+                    "{}",
+                    x86_64::describe_ioapic(&self.vm)
+                );
+                self.shared
+                    .dump
+                    .iter()
+                    .for_each(|d| d.store(true, Ordering::Release));
+                threads.iter().for_each(vcpu::kick);
+            }
             if Instant::now() < next_check {
                 continue;
             }
             next_check += HALT_CHECK_INTERVAL;
+            // A kick that reached a vCPU thread outside KVM_RUN is lost: kick again until every
+            // vCPU has logged its part of a dump.
+            for (thread, dump) in threads.iter().zip(&self.shared.dump) {
+                if dump.load(Ordering::Acquire) {
+                    vcpu::kick(thread);
+                }
+            }
             if devices.is_finished() {
                 latch.request(ExitReason::DevicesFailed);
                 continue;

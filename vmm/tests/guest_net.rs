@@ -82,6 +82,10 @@ echo "UP-BYTES $(wc -c <$D/upload.bin)"
         "guest avail idx ",
         "used_event ",
         "    counters: rx_frames=",
+        // the interrupt's way to the guest: the NIC's pin is live, the vCPU's local APIC is read
+        "IOAPIC: pin ",
+        "vCPU 0: ",
+        "local APIC tpr ",
         "PING-IN ok",
         "PING-OUT ok",
         "PING-AFTER-RESET ok",

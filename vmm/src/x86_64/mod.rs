@@ -11,10 +11,10 @@ pub mod paging;
 pub mod regs;
 
 use kvm_bindings::{
-    kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED,
-    KVM_MP_STATE_UNINITIALIZED,
+    kvm_irqchip, kvm_mp_state, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
@@ -197,14 +197,193 @@ pub fn describe_registers(vcpu: &VcpuFd) -> String {
     ) + reset
 }
 
+/// The vCPU's interrupt state in one line, for the dump of a deaf guest: whether it sleeps, whether
+/// it takes interrupts (RFLAGS.IF, an interrupt shadow, one being injected), and which vectors its
+/// local APIC holds requested (IRR) and in service (ISR: taken, waiting for the guest's EOI).
+pub fn describe_interrupt_state(vcpu: &VcpuFd) -> String {
+    let mp_state = match vcpu.get_mp_state() {
+        Ok(kvm_mp_state { mp_state }) => match mp_state {
+            KVM_MP_STATE_RUNNABLE => "runnable".to_string(),
+            KVM_MP_STATE_HALTED => "halted".to_string(),
+            KVM_MP_STATE_UNINITIALIZED => "not started".to_string(),
+            KVM_MP_STATE_INIT_RECEIVED => "waiting for SIPI".to_string(),
+            other => format!("mp_state {other}"),
+        },
+        Err(e) => format!("(mp_state unreadable: {e})"),
+    };
+    let regs = match vcpu.get_regs() {
+        Ok(r) => format!(
+            "rip={:#x} interrupts {}",
+            r.rip,
+            if r.rflags & RFLAGS_IF != 0 {
+                "on"
+            } else {
+                "off"
+            }
+        ),
+        Err(e) => format!("(registers unreadable: {e})"),
+    };
+    let events = match vcpu.get_vcpu_events() {
+        Ok(ev) => format!(
+            "injecting {}, interrupt shadow {}, nmi pending {} masked {}",
+            if ev.interrupt.injected != 0 {
+                format!("vector {:#x}", ev.interrupt.nr)
+            } else {
+                "nothing".to_string()
+            },
+            ev.interrupt.shadow,
+            ev.nmi.pending,
+            ev.nmi.masked
+        ),
+        Err(e) => format!("(events unreadable: {e})"),
+    };
+    let apic = match vcpu.get_lapic() {
+        Ok(lapic) => {
+            let bytes: Vec<u8> = lapic.regs.iter().map(|b| *b as u8).collect();
+            format!(
+                "local APIC tpr {:#x} ppr {:#x} irr {} isr {}",
+                apic_register(&bytes, APIC_TPR),
+                apic_register(&bytes, APIC_PPR),
+                vectors(&apic_bitmap(&bytes, APIC_IRR)),
+                vectors(&apic_bitmap(&bytes, APIC_ISR)),
+            )
+        }
+        Err(e) => format!("(local APIC unreadable: {e})"),
+    };
+    format!("{mp_state}, {regs}, {events}; {apic}")
+}
+
+const RFLAGS_IF: u64 = 1 << 9;
+const APIC_TPR: usize = 0x80;
+const APIC_PPR: usize = 0xa0;
+const APIC_ISR: usize = 0x100;
+const APIC_IRR: usize = 0x200;
+
+/// One 32-bit local APIC register from `KVM_GET_LAPIC`'s page image (little-endian, 16-byte
+/// stride); 0 past its end.
+fn apic_register(page: &[u8], offset: usize) -> u32 {
+    page.get(offset..offset + 4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The vectors set in a 256-bit local APIC bitmap (ISR, TMR, IRR): eight registers from `base`.
+fn apic_bitmap(page: &[u8], base: usize) -> Vec<u8> {
+    (0..8u8)
+        .flat_map(|word| {
+            let bits = apic_register(page, base + 0x10 * usize::from(word));
+            (0..32u8)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| word * 32 + bit)
+        })
+        .collect()
+}
+
+fn vectors(v: &[u8]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    let v: Vec<String> = v.iter().map(|n| format!("{n:#x}")).collect();
+    v.join(",")
+}
+
+/// The IOAPIC's pins that matter to a deaf guest (unmasked, or with a request latched), one line
+/// each: vector, trigger, mask, remote IRR (a level interrupt the guest has not EOI'd) and whether
+/// a request waits in the IOAPIC.
+pub fn describe_ioapic(vm: &VmFd) -> String {
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    if let Err(e) = vm.get_irqchip(&mut chip) {
+        return format!("(IOAPIC unreadable: {e})");
+    }
+    // SAFETY: KVM filled the union's ioapic member, as chip_id asked.
+    let ioapic = unsafe { chip.chip.ioapic };
+    let pins: Vec<String> = (0..ioapic.redirtbl.len())
+        .filter_map(|pin| {
+            // SAFETY: every member of the redirection entry union is a view of the same 64 bits.
+            let bits = unsafe { ioapic.redirtbl[pin].bits };
+            describe_ioapic_pin(pin, bits, ioapic.irr & (1 << pin) != 0)
+        })
+        .collect();
+    if pins.is_empty() {
+        return "IOAPIC: every pin masked".into();
+    }
+    format!("IOAPIC: {}", pins.join("; "))
+}
+
+/// One IOAPIC redirection entry (82093AA layout), or None for a masked pin with nothing latched.
+fn describe_ioapic_pin(pin: usize, bits: u64, requested: bool) -> Option<String> {
+    let masked = bits & (1 << 16) != 0;
+    if masked && !requested {
+        return None;
+    }
+    Some(format!(
+        "pin {pin} vector {:#x} {}{}{}{}",
+        bits & 0xff,
+        if bits & (1 << 15) != 0 {
+            "level"
+        } else {
+            "edge"
+        },
+        if masked { " masked" } else { "" },
+        if bits & (1 << 14) != 0 {
+            " remote-irr"
+        } else {
+            ""
+        },
+        if requested { " requested" } else { "" },
+    ))
+}
+
 /// True when the vCPU sleeps in HLT with interrupts off (only an NMI or INIT wakes it: how Linux
 /// without ACPI leaves a CPU after poweroff or halt) or was never started by the guest.
 pub fn halted_for_good(vcpu: &VcpuFd) -> Result<bool, kvm_ioctls::Error> {
-    const RFLAGS_IF: u64 = 1 << 9;
     let kvm_mp_state { mp_state } = vcpu.get_mp_state()?;
     match mp_state {
         KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => Ok(true),
         KVM_MP_STATE_HALTED => Ok(vcpu.get_regs()?.rflags & RFLAGS_IF == 0),
         _ => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apic_bitmaps_read_as_the_vectors_they_hold() {
+        let mut page = vec![0u8; 1024];
+        // ISR: vector 0x21 (word 1, bit 1) and 0xef (word 7, bit 15)
+        page[APIC_ISR + 0x10..APIC_ISR + 0x14].copy_from_slice(&(1u32 << 1).to_le_bytes());
+        page[APIC_ISR + 0x70..APIC_ISR + 0x74].copy_from_slice(&(1u32 << 15).to_le_bytes());
+        page[APIC_TPR] = 0x20;
+        assert_eq!(apic_bitmap(&page, APIC_ISR), vec![0x21, 0xef]);
+        assert_eq!(vectors(&apic_bitmap(&page, APIC_ISR)), "0x21,0xef");
+        assert_eq!(vectors(&apic_bitmap(&page, APIC_IRR)), "none");
+        assert_eq!(apic_register(&page, APIC_TPR), 0x20);
+        assert_eq!(
+            apic_register(&page[..2], APIC_TPR),
+            0,
+            "past the end reads 0"
+        );
+    }
+
+    #[test]
+    fn ioapic_pins_show_what_keeps_an_interrupt_from_the_guest() {
+        let masked = 1 << 16;
+        assert_eq!(describe_ioapic_pin(3, masked | 0x30, false), None);
+        assert_eq!(
+            describe_ioapic_pin(3, masked | 0x30, true).as_deref(),
+            Some("pin 3 vector 0x30 edge masked requested")
+        );
+        assert_eq!(
+            describe_ioapic_pin(5, (1 << 15) | (1 << 14) | 0x25, false).as_deref(),
+            Some("pin 5 vector 0x25 level remote-irr")
+        );
+        assert_eq!(
+            describe_ioapic_pin(4, 0x24, false).as_deref(),
+            Some("pin 4 vector 0x24 edge")
+        );
     }
 }

@@ -131,3 +131,68 @@ stop_vmm() { # SIGTERM, and SIGKILL after 30 s
     wait "$vmm_pid" 2>/dev/null || true
     vmm_pid=
 }
+
+# The host's KVM trace: kvm_exit and kvm_inj_exception, so that a crash shows the guest's last exits
+# (with their RIPs) and the exceptions injected before it (on AMD a triple fault resets the vCPU's
+# registers); for a deaf guest, the interrupt's way: irqfd/KVM_IRQ_LINE (kvm_set_irq), IOAPIC
+# (kvm_ioapic_set_irq, "coalesced" when a pin is still pending), local APIC (kvm_apic_accept_irq),
+# injection (kvm_inj_virq). kvm_trace_on sets kvm_traced=1 where tracefs is writable; kvm_trace_off
+# in the caller's cleanup.
+kvm_tracing=/sys/kernel/tracing
+kvm_traced=0
+kvm_trace_events=(kvm_exit kvm_inj_exception kvm_set_irq kvm_ioapic_set_irq kvm_apic_accept_irq kvm_inj_virq)
+kvm_trace_on() {
+    local event
+    mountpoint -q "$kvm_tracing" || mount -t tracefs tracefs "$kvm_tracing" 2>/dev/null || true
+    [ -w "$kvm_tracing/events/kvm/kvm_exit/enable" ] || return 0
+    echo 4096 >"$kvm_tracing/buffer_size_kb"
+    for event in "${kvm_trace_events[@]}"; do
+        echo 1 >"$kvm_tracing/events/kvm/$event/enable" 2>/dev/null || true
+    done
+    kvm_traced=1
+}
+kvm_trace_off() {
+    local event
+    [ "$kvm_traced" = 1 ] || return 0
+    for event in "${kvm_trace_events[@]}"; do
+        echo 0 >"$kvm_tracing/events/kvm/$event/enable" 2>/dev/null || true
+    done
+    kvm_traced=0
+}
+kvm_trace_clear() { [ "$kvm_traced" = 0 ] || : >"$kvm_tracing/trace"; }
+kvm_trace_tail() { # N: the last N events
+    [ "$kvm_traced" = 0 ] || grep -v '^#' "$kvm_tracing/trace" | tail -n "$1" || true
+}
+
+# vmm_threads: the VMM's threads (name, state, utime, stime in ticks).
+vmm_threads() {
+    local t
+    for t in /proc/"$vmm_pid"/task/*; do
+        # (after the name in parentheses, which may hold spaces: state, then utime and stime as 12 and 13)
+        echo "$(cat "$t/comm" 2>/dev/null): $(sed 's/.*) //' "$t/stat" 2>/dev/null | cut -d' ' -f1,12,13)" || true
+    done
+}
+
+# deaf_report VMM: what a guest that stopped answering left behind: the queue-state dump (Tapir's
+# SIGUSR1 dump into its log, with the vCPUs' and IOAPIC's interrupt state; QEMU's over QMP with
+# qmp_dump, which the caller defines), the VMM's threads' CPU time 2 s apart, and the KVM events
+# while the peer pings the guest.
+deaf_report() {
+    echo "--- queue-state dump"
+    if [ "$1" = tapir ]; then
+        kill -USR1 "$vmm_pid" 2>/dev/null || true
+        sleep 1
+    else
+        qmp_dump
+    fi
+    echo "--- the VMM's threads (name, state, utime, stime in ticks), 2 s apart"
+    vmm_threads
+    sleep 2
+    vmm_threads
+    if [ "$kvm_traced" = 1 ]; then
+        kvm_trace_clear
+        in_peer busybox ping -c 3 -W 1 "$GUEST_IP" >/dev/null 2>&1 || true
+        echo "--- KVM events while the peer pinged the deaf guest (the last 80)"
+        kvm_trace_tail 80
+    fi
+}

@@ -219,6 +219,11 @@ echo "=== case sigterm"
 "$T" run --kernel "$K" --initrd "$PLAIN" --boot-timer --console file=$D/sigterm.txt 2>$D/sigterm.err </dev/null &
 pid=$!
 for _ in $(seq 1 600); do grep -q "guest init started" $D/sigterm.err && break; sleep 0.1; done
+if ! grep -q "guest init started" $D/sigterm.err; then
+    echo "no boot marker after 60 s; queue-state dump and console tail follow"
+    kill -USR1 $pid; sleep 1
+    tail -n 40 $D/sigterm.txt
+fi
 sleep 0.5
 kill -TERM $pid
 wait $pid

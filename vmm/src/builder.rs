@@ -12,7 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
-use tapir_devices::legacy::{DebugPort, ResetPort, SerialPort};
+use tapir_devices::legacy::{acpi_ports, AcpiPorts, DebugPort, ResetPort, SerialPort};
 use tapir_devices::{Bus, BusError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -33,7 +33,7 @@ use crate::vm::{BootClock, NetInfo, Vm};
 
 /// Offset of QueueNotify in a virtio-mmio window.
 const NOTIFY_OFFSET: u64 = 0x50;
-use crate::x86_64::{self, layout, mptable, ArchError, VcpuTemplate};
+use crate::x86_64::{self, acpi, layout, mptable, ArchError, VcpuTemplate};
 
 /// The command line when none is given: console on the first UART, reboot through the i8042,
 /// reboot at once on a panic (Tapir reports it as a panic).
@@ -180,6 +180,7 @@ pub struct VmBuilder {
     kvm_path: PathBuf,
     nets: Vec<NicSpec>,
     seccomp: Seccomp,
+    acpi: bool,
 }
 
 impl VmBuilder {
@@ -197,6 +198,7 @@ impl VmBuilder {
             kvm_path: "/dev/kvm".into(),
             nets: Vec::new(),
             seccomp: Seccomp::default(),
+            acpi: true,
         }
     }
 
@@ -249,6 +251,16 @@ impl VmBuilder {
     /// [`Seccomp::Threads`]; see the `seccomp` module's notes in the README).
     pub fn seccomp(mut self, seccomp: Seccomp) -> Self {
         self.seccomp = seccomp;
+        self
+    }
+
+    /// Whether the guest gets ACPI tables (default on): the vCPUs in a MADT, the virtio-mmio NICs,
+    /// COM1 and the i8042 in a DSDT, and the sleep and reset registers a hardware-reduced FADT
+    /// names, so that a kernel using them powers off with [`ExitReason::AcpiPowerOff`] and reboots
+    /// with [`ExitReason::AcpiReset`]. The MP table and the command line's `virtio_mmio.device=`
+    /// entries are written either way, for kernels without ACPI.
+    pub fn acpi(mut self, on: bool) -> Self {
+        self.acpi = on;
         self
     }
 
@@ -346,6 +358,17 @@ impl VmBuilder {
                 source: CmdlineError::Invalid(e.to_string()),
             })?;
         x86_64::write_boot_tables(&memory, vcpus)?;
+        if self.acpi {
+            let devices: Vec<acpi::MmioDevice> = slots
+                .iter()
+                .map(|(base, irq)| acpi::MmioDevice {
+                    base: *base,
+                    len: MMIO_WINDOW,
+                    irq: *irq,
+                })
+                .collect();
+            x86_64::write_acpi_tables(&memory, vcpus, &devices)?;
+        }
         x86_64::write_zero_page(
             &memory,
             &x86_64::boot::boot_params(kernel.header, cmdline_len, initrd, mem_size),
@@ -452,6 +475,18 @@ impl VmBuilder {
             layout::I8042_PORT,
             5,
         )?;
+        if self.acpi {
+            pio.insert(
+                Arc::new(Mutex::new(AcpiPorts::new(
+                    acpi::S5_SLEEP_TYPE,
+                    acpi::RESET_VALUE,
+                    StopRequest(latch.clone(), ExitReason::AcpiPowerOff),
+                    StopRequest(latch.clone(), ExitReason::AcpiReset),
+                ))),
+                u64::from(acpi::SLEEP_CONTROL_PORT),
+                acpi_ports::PORTS,
+            )?;
+        }
         let marker_clock = clock.clone();
         pio.insert(
             Arc::new(Mutex::new(DebugPort::new(Box::new(move |byte| {
@@ -592,6 +627,18 @@ impl vm_superio::Trigger for ResetRequest {
 
     fn trigger(&self) -> Result<(), Self::E> {
         self.0.request(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+/// Ends the VM with the given reason when a device fires it.
+struct StopRequest(Arc<ExitLatch>, ExitReason);
+
+impl vm_superio::Trigger for StopRequest {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request(self.1.clone());
         Ok(())
     }
 }

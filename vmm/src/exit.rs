@@ -17,6 +17,11 @@ pub enum ExitReason {
     Reset,
     /// Every vCPU sleeps with interrupts off: Linux's `poweroff` or `halt` on a machine without ACPI.
     Halted,
+    /// The guest wrote the S5 (soft off) sleep type to the ACPI sleep control register: `poweroff`
+    /// on a kernel that uses the ACPI tables.
+    AcpiPowerOff,
+    /// The guest wrote the ACPI reset register: `reboot` on a kernel that uses the ACPI tables.
+    AcpiReset,
     /// Stopped from the host: a [`crate::StopHandle`] (the CLI's SIGINT/SIGTERM).
     Stopped,
     /// The console user typed the quit escape (Ctrl-A x).
@@ -36,7 +41,12 @@ impl ExitReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            Self::Reset | Self::Halted | Self::Stopped | Self::ConsoleQuit
+            Self::Reset
+                | Self::Halted
+                | Self::AcpiPowerOff
+                | Self::AcpiReset
+                | Self::Stopped
+                | Self::ConsoleQuit
         )
     }
 }
@@ -49,6 +59,8 @@ impl fmt::Display for ExitReason {
                 f,
                 "guest powered off (every vCPU halted with interrupts off)"
             ),
+            Self::AcpiPowerOff => write!(f, "guest powered off (ACPI S5)"),
+            Self::AcpiReset => write!(f, "guest rebooted (ACPI reset register)"),
             Self::Stopped => write!(f, "stopped from the host"),
             Self::ConsoleQuit => write!(f, "stopped from the console (Ctrl-A x)"),
             Self::GuestPanic { message } => write!(f, "guest kernel panicked: {message}"),

@@ -89,6 +89,13 @@ struct RunArgs {
     /// debugging.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
     seccomp: bool,
+    /// Describe the machine with ACPI tables (`on`): a MADT with the vCPUs, a DSDT with every
+    /// virtio-mmio NIC, COM1 and the i8042, and sleep and reset registers, so a stock distribution
+    /// kernel finds its NICs and `poweroff`/`reboot` end Tapir at once. Kernels without ACPI keep
+    /// using the MP table and the command line's `virtio_mmio.device=` entries, which Tapir always
+    /// writes. `off` leaves the tables out.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
+    acpi: bool,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -218,6 +225,7 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
         .vcpus(args.cpus)
         .memory_mib(args.memory)
         .console(console)
+        .acpi(args.acpi)
         .seccomp(if args.seccomp {
             Seccomp::All
         } else {
@@ -351,6 +359,13 @@ mod tests {
             .unwrap()
             .command;
         assert!(!a.seccomp);
+        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        assert!(a.acpi, "ACPI tables by default");
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--acpi", "off"])
+            .unwrap()
+            .command;
+        assert!(!a.acpi);
+        assert!(parse(&["run", "--kernel", "k", "--acpi", "yes"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
 
         let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;

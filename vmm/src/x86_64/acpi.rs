@@ -3,7 +3,7 @@
 //! and its cloud flavour finds its vCPUs only in a MADT. Built with rust-vmm's `acpi_tables`:
 //! an RSDP where Linux scans for it (the BIOS area at 0xe0000), an XSDT, a hardware-reduced FADT
 //! with sleep control/status and reset registers on I/O ports, a MADT (one local APIC per vCPU and
-//! the IOAPIC), and a DSDT with COM1, the i8042 and one `LNRO0005` device per virtio-mmio window.
+//! the IOAPIC), and a DSDT with COM1 and one `LNRO0005` device per virtio-mmio window.
 //!
 //! Pure: [`build`] returns the bytes for [`ACPI_START`]; nothing here touches guest memory.
 
@@ -16,8 +16,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
+use tapir_devices::legacy::acpi_ports;
 
-use super::layout::{APIC_START, COM1_IRQ, COM1_PORT, I8042_PORT, IOAPIC_START};
+use super::layout::{APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START};
 use super::mptable;
 
 /// Where the tables go: the RSDP first, where Linux's scan of 0xe0000-0xfffff finds it.
@@ -25,16 +26,21 @@ pub const ACPI_START: u64 = 0xe_0000;
 /// The region's end (the BIOS area ends at 1 MiB).
 pub const ACPI_END: u64 = 0x10_0000;
 /// Hardware-reduced sleep registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG) and the reset
-/// register, one byte each.
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
-pub const RESET_PORT: u16 = 0x3c2;
+/// register, one byte each on consecutive ports (the device's layout; 0x600 is clear of the ISA
+/// and VGA ports a guest may probe).
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const SLEEP_STATUS_PORT: u16 = SLEEP_CONTROL_PORT + acpi_ports::SLEEP_STATUS as u16;
+pub const RESET_PORT: u16 = SLEEP_CONTROL_PORT + acpi_ports::RESET as u16;
 /// What the guest writes to [`RESET_PORT`] to reboot.
 pub const RESET_VALUE: u8 = 1;
 /// SLP_TYP of S5 (soft off), as `\_S5` announces it; the guest writes `SLP_EN | SLP_TYP << 2`.
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// Most virtio-mmio devices the DSDT names (VR00..VRFF).
 pub const MAX_MMIO_DEVICES: usize = 256;
+
+/// FADT IAPC_BOOT_ARCH (ACPI 6.4, 5.2.9.3): no legacy ISA devices or 8042 to enumerate, no VGA, no
+/// MSI, no CMOS RTC (Linux's rtc_cmos spent 3 s probing the empty ports 0x70/0x71).
+const IAPC_BOOT_ARCH: u16 = 1 << 2 | 1 << 3 | 1 << 5;
 
 const OEM_ID: [u8; 6] = *b"TAPIR ";
 const OEM_REVISION: u32 = 1;
@@ -80,21 +86,10 @@ fn dsdt_body(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
         ],
     )
     .to_aml_bytes(&mut body);
-    // The i8042, whose reset line reboots a guest without ACPI reset.
-    let (data, command) = (
-        aml::IO::new(I8042_PORT as u16, I8042_PORT as u16, 1, 1),
-        aml::IO::new(I8042_PORT as u16 + 4, I8042_PORT as u16 + 4, 1, 1),
-    );
-    let kbd_crs = aml::ResourceTemplate::new(vec![&data, &command]);
-    let kbd_hid = aml::EISAName::new("PNP0303");
-    aml::Device::new(
-        aml::Path::new("PS2K"),
-        vec![
-            &aml::Name::new(aml::Path::new("_HID"), &kbd_hid),
-            &aml::Name::new(aml::Path::new("_CRS"), &kbd_crs),
-        ],
-    )
-    .to_aml_bytes(&mut body);
+    // Not the i8042: Tapir's answers only the reset command, and Linux's i8042 driver, given a
+    // PNP0303 device, spent a second probing it and failed ("Can't read CTR"). Without one, and
+    // with the FADT's IAPC_BOOT_ARCH saying there is no 8042, the driver leaves it alone; a reboot
+    // through the keyboard controller (reboot=k) still reaches it.
     for (i, d) in devices.iter().enumerate() {
         let (Ok(base), Ok(len)) = (u32::try_from(d.base), u32::try_from(d.len)) else {
             return Err(AcpiError::WindowOutOfRange {
@@ -182,6 +177,7 @@ pub fn build(vcpus: u8, devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
     fadt.sleep_status_reg = io_register(SLEEP_STATUS_PORT);
     fadt.reset_reg = io_register(RESET_PORT);
     fadt.reset_value = RESET_VALUE;
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_ID).into();
     let fadt_addr = place(&mut image, &bytes(&fadt.finalize()));
 
@@ -289,6 +285,9 @@ mod tests {
         assert_eq!(gas(244), (1, 8, 1, u64::from(SLEEP_CONTROL_PORT)));
         assert_eq!(gas(256), (1, 8, 1, u64::from(SLEEP_STATUS_PORT)));
         assert_eq!(&fadt[268..276], b"TAPIRVMM", "hypervisor vendor identity");
+        let boot_arch = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_eq!(boot_arch & 0b11, 0, "no legacy devices, no 8042");
+        assert_ne!(boot_arch & (1 << 5), 0, "no CMOS RTC");
     }
 
     #[test]
@@ -341,7 +340,7 @@ mod tests {
             assert_eq!(find(dsdt, &irq), 1);
         }
         assert_eq!(find(dsdt, b"COM1"), 1);
-        assert_eq!(find(dsdt, b"PS2K"), 1);
+        assert_eq!(find(dsdt, b"PNP0303"), 0, "no i8042 for Linux to probe");
         assert_eq!(find(dsdt, b"_S5_"), 1);
     }
 
@@ -383,7 +382,6 @@ mod tests {
                 for want in [
                     "LNRO0005",
                     "PNP0501",
-                    "PNP0303",
                     "Memory32Fixed (ReadWrite,",
                     "0xD0001000",
                     "_S5_",

@@ -33,6 +33,8 @@ pub enum ArchError {
     },
     #[error("building the MP table")]
     MpTable(#[from] mptable::MpTableError),
+    #[error("building the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
     #[error("writing the zero page (boot_params)")]
     ZeroPage(#[source] linux_loader::configurator::Error),
     #[error("vCPU {vcpu}: {what}")]
@@ -71,6 +73,20 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), ArchErr
         write(mem, "page tables", addr, &page)?;
     }
     write(mem, "MP table", MPTABLE_START, &mptable::build(vcpus)?)
+}
+
+/// Writes the ACPI tables for `vcpus` vCPUs and the virtio-mmio `devices` at [`acpi::ACPI_START`].
+pub fn write_acpi_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    devices: &[acpi::MmioDevice],
+) -> Result<(), ArchError> {
+    write(
+        mem,
+        "ACPI tables",
+        acpi::ACPI_START,
+        &acpi::build(vcpus, devices)?,
+    )
 }
 
 /// Writes the zero page.

@@ -159,12 +159,18 @@ pub fn run_host_script(dir: &Path, lab_args: &[&str], script: &str, args: &[&str
 
 /// Writes `script` as the guest's `/tapir/run` into a new initramfs (guest-images/with-script) in `dir`.
 pub fn initramfs_with_script(dir: &Path, script: &str) -> PathBuf {
+    initramfs_with_script_on(dir, script, &guest_file("initramfs.cpio.gz"))
+}
+
+/// [`initramfs_with_script`] on another base initramfs (a stock kernel's, `guest-images/out/debian/...`).
+pub fn initramfs_with_script_on(dir: &Path, script: &str, base: &Path) -> PathBuf {
     let script_path = dir.join("run.sh");
     fs::write(&script_path, script).expect("writing the guest script");
     let out = dir.join("initramfs-run.cpio.gz");
     let status = Command::new(repo_root().join("guest-images/with-script"))
         .arg(&script_path)
         .arg(&out)
+        .arg(base)
         .status()
         .expect("starting guest-images/with-script");
     assert!(

@@ -18,13 +18,13 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use tapir_devices::legacy::acpi_ports;
 
-use super::layout::{APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START};
+use super::layout::{APIC_START, COM1_IRQ, COM1_PORT, IOAPIC_START, RESET_VECTOR};
 use super::mptable;
 
 /// Where the tables go: the RSDP first, where Linux's scan of 0xe0000-0xfffff finds it.
 pub const ACPI_START: u64 = 0xe_0000;
-/// The region's end (the BIOS area ends at 1 MiB).
-pub const ACPI_END: u64 = 0x10_0000;
+/// The region's end: the reset vector's stub follows.
+pub const ACPI_END: u64 = RESET_VECTOR;
 /// Hardware-reduced sleep registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG) and the reset
 /// register, one byte each on consecutive ports (the device's layout; 0x600 is clear of the ISA
 /// and VGA ports a guest may probe).
@@ -63,7 +63,7 @@ pub enum AcpiError {
     DeviceCount(usize),
     #[error("virtio-mmio window {base:#x}+{len:#x} does not fit the 32-bit resource descriptor")]
     WindowOutOfRange { base: u64, len: u64 },
-    #[error("the ACPI tables take {0} bytes, more than the {room} between 0xe0000 and 1 MiB", room = ACPI_END - ACPI_START)]
+    #[error("the ACPI tables take {0} bytes, more than the {room} between 0xe0000 and the reset vector", room = ACPI_END - ACPI_START)]
     TooLarge(usize),
 }
 

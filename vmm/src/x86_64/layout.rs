@@ -23,6 +23,8 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of base memory (640 KiB) in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// Where a CPU starts after reset (f000:fff0), and where Linux jumps to reboot through the BIOS.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Kernels load at 1 MiB and above.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -81,6 +83,11 @@ mod tests {
             (PDE_START, PDE_START + PDE_COUNT * 0x1000),
             (CMDLINE_START, CMDLINE_START + CMDLINE_MAX_SIZE as u64),
             (MPTABLE_START, 0xa0000),
+            (super::super::acpi::ACPI_START, super::super::acpi::ACPI_END),
+            (
+                RESET_VECTOR,
+                RESET_VECTOR + super::super::RESET_STUB.len() as u64,
+            ),
         ];
         spans.sort();
         for pair in spans.windows(2) {

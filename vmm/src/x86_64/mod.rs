@@ -63,8 +63,17 @@ fn write(
         .map_err(|source| ArchError::WriteMemory { what, source })
 }
 
-/// Writes the GDT, an empty IDT, the identity page tables and the MP table for `vcpus` vCPUs.
+/// What sits at the reset vector in place of a BIOS: real-mode code that pulses the reset line
+/// through the i8042 (`mov al, 0xfe; out 0x64, al; hlt; jmp $-1`). Linux on a hardware-reduced
+/// ACPI machine reboots the EFI way first (`reboot_init` picks it there), which without EFI does
+/// nothing, and then the BIOS way: `machine_real_restart` jumps to f000:fff0. Without the stub
+/// the guest ran whatever that memory held and hung.
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes the GDT, an empty IDT, the identity page tables, the MP table for `vcpus` vCPUs and the
+/// reset vector's stub.
 pub fn write_boot_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), ArchError> {
+    write(mem, "reset vector stub", layout::RESET_VECTOR, &RESET_STUB)?;
     let gdt: Vec<u8> = gdt::BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     write(mem, "GDT", GDT_START, &gdt)?;
     write(mem, "IDT", IDT_START, &0u64.to_le_bytes())?;

@@ -173,10 +173,14 @@ vmm_threads() {
     done
 }
 
+qmp_dump() { # QEMU's view of its virtio-net device's queues, over QMP (qmp_sock, set by the caller)
+    /usr/bin/python3 scripts/lib/qmp-queues "$qmp_sock" 2>&1 || true
+}
+
 # deaf_report VMM: what a guest that stopped answering left behind: the queue-state dump (Tapir's
-# SIGUSR1 dump into its log, with the vCPUs' and IOAPIC's interrupt state; QEMU's over QMP with
-# qmp_dump, which the caller defines), the VMM's threads' CPU time 2 s apart, and the KVM events
-# while the peer pings the guest.
+# SIGUSR1 dump into its log, with the vCPUs' and IOAPIC's interrupt state; QEMU's over QMP, for which
+# the caller gives QEMU `-qmp unix:$qmp_sock,...` in qemu_extra), the VMM's threads' CPU time 2 s
+# apart, and the KVM events while the peer pings the guest.
 deaf_report() {
     echo "--- queue-state dump"
     if [ "$1" = tapir ]; then

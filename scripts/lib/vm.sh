@@ -4,7 +4,7 @@
 # network's macvtap, talk to it, stop it. Source it after common.sh and `eval "$(scripts/lib/testnet up
 # NAME)"`; it defines functions only. The caller sets:
 #   work           a private directory (console.log, vmm.out, vmm.err, vmm.log and the marker pipe go there)
-#   tapir kernel initrd cpus mem_mib guest_cmdline
+#   tapir kernel initrd cpus mem_mib guest_cmdline (guest_kernel KIND sets kernel and qemu_acpi)
 #   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket), and tapir_net,
 #   Tapir's --net SPEC (default fd=3, the test network's macvtap; another SPEC gets /dev/null as fd 3)
 # VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
@@ -12,6 +12,27 @@
 
 qemu_extra=()
 tapir_net=fd=3
+qemu_acpi=off qemu_rtc=off
+
+# guest_kernel KIND: the guest for KIND (test: guest-images/out/bzImage; debian, debian-cloud,
+# debian-rt: that stock kernel from guest-images/build --kernel KIND): sets kernel, initrd_base (the
+# initramfs guest-images/with-script adds to), kernel_symbols (for naming initcalls), qemu_acpi (a
+# stock kernel finds its virtio-mmio NIC only in QEMU microvm's ACPI tables, as in Tapir's) and
+# qemu_rtc (microvm's default, on, for a stock kernel: QEMU's FADT does not say there is no CMOS RTC,
+# and with rtc=off Linux's rtc_cmos spent 3.3 s probing the empty ports, a cost of the options, not
+# of QEMU; Tapir's FADT says so and has no RTC).
+guest_kernel() {
+    case "$1" in
+        test)
+            kernel=guest-images/out/bzImage initrd_base=guest-images/out/initramfs.cpio.gz
+            kernel_symbols=guest-images/out/vmlinux qemu_acpi=off qemu_rtc=off ;;
+        debian|debian-cloud|debian-rt)
+            kernel=guest-images/out/$1/vmlinuz initrd_base=guest-images/out/$1/initramfs.cpio.gz
+            kernel_symbols=guest-images/out/$1/System.map qemu_acpi=on qemu_rtc=on ;;
+        *) die "unknown guest kernel: $1 (test, debian, debian-cloud or debian-rt)" ;;
+    esac
+    [ -f "$kernel" ] && [ -f "$initrd_base" ] || die "no $kernel: run guest-images/build$([ "$1" = test ] || echo " --kernel $1")"
+}
 
 in_peer() { ip netns exec "$PEER_NS" "$@"; }
 
@@ -90,7 +111,7 @@ start_vmm() {
         qemu|qemu-vhost)
             local vhost=off
             [ "$vmm" = qemu-vhost ] && vhost=on
-            ip netns exec "$VM_NS" qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off \
+            ip netns exec "$VM_NS" qemu-system-x86_64 -M "microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi" \
                 -enable-kvm -cpu host -smp "$cpus" -m "$mem_mib" -nodefaults -no-user-config -display none \
                 -no-reboot -serial "file:$work/console.log" \
                 -chardev "pipe,id=mark,path=$work/mark" -device isa-debugcon,iobase=0x402,chardev=mark \

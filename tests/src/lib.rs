@@ -157,6 +157,24 @@ pub fn run_host_script(dir: &Path, lab_args: &[&str], script: &str, args: &[&str
     on_kvm_host(lab_args, &cmd)
 }
 
+/// The output of one case of a host script that prints `=== case NAME` before each case (and may
+/// print `=== end` after the last): from after that line to the next case or the end. Other lines
+/// starting with `=== ` (the test guest's banner) stay inside.
+pub fn case_section<'a>(run: &'a Run, name: &str) -> &'a str {
+    let start = format!("=== case {name}\n");
+    let at = run
+        .stdout
+        .find(&start)
+        .unwrap_or_else(|| panic!("no case {name:?}\n{run}"));
+    let rest = &run.stdout[at + start.len()..];
+    let end = ["\n=== case ", "\n=== end"]
+        .iter()
+        .filter_map(|m| rest.find(m))
+        .min()
+        .map_or(rest.len(), |e| e + 1);
+    &rest[..end]
+}
+
 /// Writes `script` as the guest's `/tapir/run` into a new initramfs (guest-images/with-script) in `dir`.
 pub fn initramfs_with_script(dir: &Path, script: &str) -> PathBuf {
     initramfs_with_script_on(dir, script, &guest_file("initramfs.cpio.gz"))

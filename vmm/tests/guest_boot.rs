@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tapir_tests::{guest_file, initramfs_with_script, run_host_script, scratch_dir, Run};
+use tapir_tests::{
+    case_section, guest_file, initramfs_with_script, run_host_script, scratch_dir, Run,
+};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -21,18 +23,6 @@ fn example_boot() -> PathBuf {
 /// Runs a bash script on the KVM host with `args`; its output is the lab's (stdout and stderr merged).
 fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
     run_host_script(dir, &["--timeout", "400"], script, args)
-}
-
-/// The output between `=== NAME` and the next `=== ` header line that starts a case.
-fn section<'a>(run: &'a Run, name: &str) -> &'a str {
-    let start = format!("=== {name}\n");
-    let at = run
-        .stdout
-        .find(&start)
-        .unwrap_or_else(|| panic!("no section {name:?}\n{run}"));
-    let rest = &run.stdout[at + start.len()..];
-    let end = rest.find("\n=== case ").map_or(rest.len(), |e| e + 1);
-    &rest[..end]
 }
 
 fn assert_has(run: &Run, text: &str, name: &str, wanted: &[&str]) {
@@ -93,7 +83,7 @@ done
     );
     for (cpus, mib) in [(1, 256), (4, 512), (2, 3500)] {
         let name = format!("cpus={cpus} mib={mib}");
-        let out = section(&run, &format!("case {name}"));
+        let out = case_section(&run, &name);
         assert!(
             !out.contains("GUEST-FAIL"),
             "case {name}: the guest disagrees\n{out}"
@@ -174,14 +164,14 @@ cmp -s "$D/stty.before" "$D/stty.after" && echo "terminal restored" || echo "ter
         ],
     );
     assert!(!run.stdout.contains("TIMEOUT"), "{run}");
-    let pipe = section(&run, "case pipe");
+    let pipe = case_section(&run, "pipe");
     assert_has(
         &run,
         pipe,
         "pipe",
         &["tapir-status=0", "tapir: guest rebooted"],
     );
-    let tty = section(&run, "case tty");
+    let tty = case_section(&run, "tty");
     assert_has(
         &run,
         tty,
@@ -310,6 +300,6 @@ pgrep -f "^$T" && echo "tapir still running" || echo "no tapir left"
         ),
     ];
     for (name, wanted) in cases {
-        assert_has(&run, section(&run, &format!("case {name}")), name, wanted);
+        assert_has(&run, case_section(&run, name), name, wanted);
     }
 }

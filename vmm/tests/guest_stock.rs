@@ -5,7 +5,9 @@
 //! `reboot` end Tapir with status 0; with `--acpi off` the generic kernel boots without a NIC, as the
 //! README says.
 
-use tapir_tests::{guest_file, initramfs_with_script_on, run_host_script, scratch_dir, Run};
+use tapir_tests::{
+    case_section, guest_file, initramfs_with_script_on, run_host_script, scratch_dir, Run,
+};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
@@ -69,25 +71,8 @@ case_ acpi-4 --cpus 4 --memory 4608 --cmdline "$base tapir.exit=reboot tapir.wan
 echo "=== end"
 "#;
 
-/// The output between `=== case NAME` and the next case (the guest's own banner starts with `=== `
-/// too).
-fn section<'a>(run: &'a Run, name: &str) -> &'a str {
-    let start = format!("=== case {name}\n");
-    let at = run
-        .stdout
-        .find(&start)
-        .unwrap_or_else(|| panic!("no case {name:?}\n{run}"));
-    let rest = &run.stdout[at + start.len()..];
-    let end = ["\n=== case ", "\n=== end"]
-        .iter()
-        .filter_map(|m| rest.find(m))
-        .min()
-        .map_or(rest.len(), |e| e + 1);
-    &rest[..end]
-}
-
 fn assert_case(run: &Run, name: &str, wanted: &[&str], unwanted: &[&str]) {
-    let out = section(run, name);
+    let out = case_section(run, name);
     for w in wanted {
         assert!(
             out.contains(w),

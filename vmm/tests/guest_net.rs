@@ -6,12 +6,14 @@
 
 use std::path::Path;
 
-use tapir_tests::{guest_file, initramfs_with_script, run_host_script, scratch_dir, Run};
+use tapir_tests::{
+    guest_file, initramfs_with_script, run_host_script_past_a_lab_crash, scratch_dir, Run,
+};
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
 fn run_script(dir: &Path, script: &str, args: &[&str]) -> Run {
-    run_host_script(dir, &["--timeout", "500", "--memory", "4096"], script, args)
+    run_host_script_past_a_lab_crash(dir, &["--timeout", "500", "--memory", "4096"], script, args)
 }
 
 const GUEST_TRAFFIC: &str = r#"

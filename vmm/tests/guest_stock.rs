@@ -6,7 +6,8 @@
 //! README says.
 
 use tapir_tests::{
-    case_section, guest_file, initramfs_with_script_on, run_host_script, scratch_dir, Run,
+    case_section, guest_file, initramfs_with_script_on, run_host_script_past_a_lab_crash,
+    scratch_dir, Run,
 };
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
@@ -94,7 +95,7 @@ fn stock_kernel_finds_its_nic_and_stops_cleanly(kind: &str, cpus_without_acpi: O
     let base = guest_file(&format!("{kind}/initramfs.cpio.gz"));
     let initrd = initramfs_with_script_on(&dir, GUEST_CHECKS, &base);
     let kernel = guest_file(&format!("{kind}/vmlinuz"));
-    let run = run_host_script(
+    let run = run_host_script_past_a_lab_crash(
         &dir,
         // 4.5 GiB of guest RAM inside the lab's inner host
         &["--timeout", "900", "--memory", "6144"],

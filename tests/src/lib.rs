@@ -101,9 +101,12 @@ impl std::fmt::Display for Run {
 /// What scripts/lab says when its inner host itself went down under the command (the outer QEMU
 /// exited): the lab failed, not the command.
 const LAB_DIED: &str = "the inner host stopped while the command was running";
+/// What scripts/lab says when its timeout ran out.
+const LAB_TIMED_OUT: &str = "lab: error: timed out after";
 
 /// Runs `scripts/lab LAB_ARGS -- CMD...` from the repository root and waits for it. The lab's
-/// inner host (QEMU TCG emulating SVM) now and then goes down by itself; such a run says nothing
+/// inner host (QEMU TCG emulating SVM) now and then goes down or hangs by itself; such a run (the
+/// lab says its host stopped, or it timed out before the command printed anything) says nothing
 /// about the command and is run once more, saying so.
 pub fn lab(lab_args: &[&str], cmd: &[&str]) -> Run {
     let once = || {
@@ -120,6 +123,13 @@ pub fn lab(lab_args: &[&str], cmd: &[&str]) -> Run {
     let run = once();
     if run.status == Some(125) && run.stderr.contains(LAB_DIED) {
         println!("the lab's inner host went down under the command; running it once more\n{run}");
+        return once();
+    }
+    // An inner host that hangs (seen: no output and an idle QEMU until the timeout) looks the same
+    // from here as a command that printed nothing: once more, then it fails like any timeout.
+    if run.status == Some(124) && run.stdout.trim().is_empty() && run.stderr.contains(LAB_TIMED_OUT)
+    {
+        println!("the lab timed out with no output from the command; running it once more\n{run}");
         return once();
     }
     run

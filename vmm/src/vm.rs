@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::BOOT_TIMER_TARGET;
 use crate::console::{InputPump, OutputQueue, RawTerminal};
 use crate::device_loop::DeviceLoop;
-use crate::exit::{ExitLatch, ExitReason, RunReport};
+use crate::exit::{ExitReason, RunReport};
 use crate::kvm_stats::{Stat, VcpuStats};
 use crate::seccomp::{self, Filters, Kind, SeccompError};
 use crate::vcpu::{self, Shared, Vcpu};
@@ -193,7 +193,7 @@ struct Control {
     stop: Arc<EventFd>,
     dump: Arc<EventFd>,
     nets: Vec<NetInfo>,
-    latch: Arc<ExitLatch>,
+    /// The exit latch and the dump flags.
     shared: Arc<Shared>,
 }
 
@@ -209,7 +209,7 @@ impl MutEventSubscriber for Control {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.stop.as_raw_fd() {
             let _ = self.stop.read();
-            self.latch.request(ExitReason::Stopped);
+            self.shared.latch.request(ExitReason::Stopped);
         } else if events.fd() == self.dump.as_raw_fd() {
             let _ = self.dump.read();
             for net in &self.nets {
@@ -298,7 +298,6 @@ impl Vm {
             stop: self.stop.0.clone(),
             dump: self.dump.0.clone(),
             nets: self.net_infos.clone(),
-            latch: latch.clone(),
             shared: self.shared.clone(),
         })));
         // A system call a filter refuses stops the VM through the stop eventfd.

@@ -1,16 +1,20 @@
 //! rtnetlink requests the backend needs, in the calling thread's network namespace: look a link up by
-//! name, create a macvtap on a lower device, delete a link.
+//! name, create a macvtap (or a macvlan for the host) on a lower device, give a link an address, list
+//! the addresses in use, delete a link.
 
 use std::io;
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVtapMode,
+    InfoData, InfoKind, InfoMacVlan, InfoMacVtap, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    MacVlanMode, MacVtapMode,
 };
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::mac::MacAddr;
@@ -90,6 +94,14 @@ pub struct Link {
     pub running: bool,
 }
 
+/// One address on a link, as `ip addr` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkAddr {
+    pub index: u32,
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
 /// A NETLINK_ROUTE socket bound in the calling thread's network namespace.
 pub struct Rtnl {
     socket: Socket,
@@ -152,6 +164,92 @@ impl Rtnl {
             &what,
         )
         .map(drop)
+    }
+
+    /// Creates macvlan `name` in bridge mode on `lower` with `mac`, already up: the host's own port on
+    /// the lower device, beside the guests' macvtaps.
+    pub fn create_macvlan_bridge(
+        &mut self,
+        name: &str,
+        lower: u32,
+        mac: MacAddr,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg.attributes.push(LinkAttribute::Link(lower));
+        msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::MacVlan),
+            LinkInfo::Data(InfoData::MacVlan(vec![InfoMacVlan::Mode(
+                MacVlanMode::Bridge,
+            )])),
+        ]));
+        let what = format!("create macvlan {name} (bridge, {mac}) on link #{lower}");
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &what,
+        )
+        .map(drop)
+    }
+
+    /// Gives link `index` the address `addr/prefix`.
+    pub fn add_address(
+        &mut self,
+        index: u32,
+        addr: IpAddr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr));
+        msg.attributes.push(AddressAttribute::Address(addr));
+        let what = format!("add address {addr}/{prefix} to link #{index}");
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &what,
+        )
+        .map(drop)
+    }
+
+    /// Every address on every link in this network namespace.
+    pub fn addresses(&mut self) -> Result<Vec<LinkAddr>, NetlinkError> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+            "list addresses",
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => {
+                    // IFA_LOCAL is the interface's own address; IFA_ADDRESS the peer's on a
+                    // point-to-point link, and the same as IFA_LOCAL elsewhere (IPv6 has only it).
+                    let local = a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let address = a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    local.or(address).map(|addr| LinkAddr {
+                        index: a.header.index,
+                        addr,
+                        prefix: a.header.prefix_len,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Every link in this network namespace.

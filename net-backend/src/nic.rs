@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::path::PathBuf;
@@ -20,15 +21,66 @@ use crate::tap::{TapError, TapQueue};
 pub enum NicKind {
     /// `macvtap=NAME`: an existing macvtap.
     Macvtap(String),
-    /// `link=LOWER[,mode=M]`: a macvtap Tapir creates on LOWER and deletes on exit.
-    Link { lower: String, mode: MacvtapMode },
+    /// `link=LOWER[,mode=M][,host=ADDR/PREFIX]`: a macvtap Tapir creates on LOWER and deletes on
+    /// exit; with `host`, also a bridge-mode macvlan on LOWER holding ADDR, so that the host reaches
+    /// its guests (which it cannot through LOWER itself).
+    Link {
+        lower: String,
+        mode: MacvtapMode,
+        host: Option<HostAddr>,
+    },
     /// `tap=NAME`: a tap through /dev/net/tun.
     Tap(String),
     /// `fd=N`: a ready tap or macvtap fd handed over by the caller.
     Fd(RawFd),
 }
 
-/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE]`.
+/// The host's address on a lower device, `ADDR/PREFIX` (IPv4 or IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostAddr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for HostAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("host={s}: give ADDR/PREFIX, e.g. host=10.0.0.1/24"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("host={s}: {addr:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("host={s}: the prefix must be a number from 0 to {max}"))?;
+        if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+            return Err(format!(
+                "host={s}: {addr} cannot be an interface's own address"
+            ));
+        }
+        if let IpAddr::V4(v4) = addr {
+            if v4.is_broadcast() {
+                return Err(format!(
+                    "host={s}: {addr} cannot be an interface's own address"
+                ));
+            }
+        }
+        Ok(HostAddr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE][,host=ADDR/PREFIX]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NicSpec {
     pub kind: NicKind,
@@ -41,7 +93,12 @@ impl std::fmt::Display for NicSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             NicKind::Macvtap(name) => write!(f, "macvtap={name}")?,
-            NicKind::Link { lower, mode } => write!(f, "link={lower},mode={mode}")?,
+            NicKind::Link { lower, mode, host } => {
+                write!(f, "link={lower},mode={mode}")?;
+                if let Some(host) = host {
+                    write!(f, ",host={host}")?;
+                }
+            }
             NicKind::Tap(name) => write!(f, "tap={name}")?,
             NicKind::Fd(fd) => write!(f, "fd={fd}")?,
         }
@@ -105,6 +162,8 @@ pub enum NicError {
     Permission { iface: String, path: String },
     #[error("{iface}: {why}")]
     Queues { iface: String, why: String },
+    #[error("host={addr}: that address is already on {iface} in this network namespace; give the host's port on the lower device an address of its own")]
+    AddressInUse { addr: HostAddr, iface: String },
     #[error("the guest MAC must equal macvtap {iface}'s, which is {actual}; mac={asked} was given (change the macvtap's with `ip link set {iface} address {asked}` or drop mac=)")]
     MacMismatch {
         iface: String,
@@ -138,6 +197,7 @@ impl FromStr for NicSpec {
         let mut mac = None;
         let mut queues = 1;
         let mut mode = None;
+        let mut host = None;
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -159,11 +219,31 @@ impl FromStr for NicSpec {
                         })?
                 }
                 "mode" => mode = Some(v.parse::<MacvtapMode>().map_err(bad)?),
-                _ => return Err(bad(format!("unknown option {k:?} (mac=, queues=, mode=)"))),
+                "host" => host = Some(v.parse::<HostAddr>().map_err(bad)?),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option {k:?} (mac=, queues=, mode=, host=)"
+                    )))
+                }
             }
         }
         if mode.is_some() && key != "link" {
             return Err(bad("mode= only goes with link=".into()));
+        }
+        if host.is_some() && key != "link" {
+            return Err(bad(
+                "host= only goes with link= (Tapir adds the host's port beside a macvtap it creates)"
+                    .into(),
+            ));
+        }
+        match (host, mode) {
+            (Some(_), Some(MacvtapMode::Private)) => {
+                return Err(bad("host= cannot work with mode=private: a private macvtap exchanges no frames with any other port on its lower device, the host's included (use mode=bridge)".into()))
+            }
+            (Some(_), Some(MacvtapMode::Passthru)) => {
+                return Err(bad("host= cannot work with mode=passthru: a passthru macvtap owns its lower device alone, so no port for the host can sit beside it (use mode=bridge)".into()))
+            }
+            _ => {}
         }
         if !matches!(key, "fd") && value.len() >= libc::IFNAMSIZ {
             return Err(bad(format!(
@@ -175,6 +255,7 @@ impl FromStr for NicSpec {
             "link" => NicKind::Link {
                 lower: value.into(),
                 mode: mode.unwrap_or_default(),
+                host,
             },
             "tap" => NicKind::Tap(value.into()),
             "fd" => NicKind::Fd(
@@ -228,11 +309,13 @@ impl Default for OpenOptions {
     }
 }
 
-/// A macvtap Tapir created; deleted on drop (by index once known, by name before).
+/// A link Tapir created (a guest's macvtap or the host's macvlan); deleted on drop (by index once
+/// known, by name before).
 #[derive(Debug)]
 struct CreatedLink {
     index: Option<u32>,
     name: String,
+    kind: &'static str,
 }
 
 impl Drop for CreatedLink {
@@ -242,19 +325,20 @@ impl Drop for CreatedLink {
             None => rtnl.delete_link_by_name(&self.name),
         });
         match result {
-            Ok(()) => log::debug!("deleted macvtap {}", self.name),
-            Err(e) => log::error!("deleting macvtap {}: {e}", self.name),
+            Ok(()) => log::debug!("deleted {} {}", self.kind, self.name),
+            Err(e) => log::error!("deleting {} {}: {e}", self.kind, self.name),
         }
     }
 }
 
-/// Prefix of the macvtaps Tapir creates: `tpr<pid>n<counter>`, so that a later Tapir can tell
-/// those of a process that is gone (killed with SIGKILL, say) and remove them.
+/// Prefix of the links Tapir creates: `tpr<pid>n<counter>` for a guest's macvtap and
+/// `tpr<pid>h<counter>` for the host's macvlan beside it, so that a later Tapir can tell those of a
+/// process that is gone (killed with SIGKILL, say) and remove them.
 const LINK_PREFIX: &str = "tpr";
 
-/// The process that created macvtap `name`, if Tapir named it.
+/// The process that created link `name`, if Tapir named it.
 pub fn link_owner(name: &str) -> Option<u32> {
-    let (pid, counter) = name.strip_prefix(LINK_PREFIX)?.split_once('n')?;
+    let (pid, counter) = name.strip_prefix(LINK_PREFIX)?.split_once(['n', 'h'])?;
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(pid) || !all_digits(counter) {
         return None;
@@ -262,8 +346,8 @@ pub fn link_owner(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Removes the macvtaps in this network namespace that a Tapir process created and did not get
-/// to delete (it was killed); those of running processes stay. Returns the names removed.
+/// Removes the macvtaps and macvlans in this network namespace that a Tapir process created and did
+/// not get to delete (it was killed); those of running processes stay. Returns the names removed.
 pub fn sweep_stale_links() -> Result<Vec<String>, NicError> {
     let netlink_err = |source| NicError::Netlink {
         iface: "the macvtaps of earlier runs".into(),
@@ -276,7 +360,7 @@ pub fn sweep_stale_links() -> Result<Vec<String>, NicError> {
             continue;
         };
         let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if link.kind.as_deref() != Some("macvtap") || alive {
+        if !matches!(link.kind.as_deref(), Some("macvtap" | "macvlan")) || alive {
             continue;
         }
         match rtnl.delete_link(link.index) {
@@ -310,6 +394,7 @@ pub struct Nic {
     offloads: u32,
     // Dropped last: the queues' fds go first.
     created: Option<CreatedLink>,
+    host_port: Option<CreatedLink>,
 }
 
 impl Nic {
@@ -331,7 +416,7 @@ impl Nic {
                 nic.offloads = nic.queues[0].probe_offloads()?;
                 Ok(nic)
             }
-            NicKind::Link { lower, mode } => {
+            NicKind::Link { lower, mode, host } => {
                 match sweep_stale_links() {
                     Ok(removed) if !removed.is_empty() => log::warn!(
                         "removed macvtaps left by Tapir processes that are gone: {}",
@@ -341,8 +426,17 @@ impl Nic {
                     Err(e) => log::warn!("looking for macvtaps left by earlier runs: {e}"),
                 }
                 let lower_link = lookup(lower)?;
+                if let Some(host) = host {
+                    check_address_free(host)?;
+                    if *mode == MacvtapMode::Vepa {
+                        log::warn!("host={host} with mode=vepa: the host's port is in bridge mode and reaches the guest only through a switch that reflects frames back to {lower}");
+                    }
+                }
                 let mac = spec.mac.unwrap_or_else(MacAddr::random_local);
-                let name = opts.link_name.clone().unwrap_or_else(generated_name);
+                let name = opts
+                    .link_name
+                    .clone()
+                    .unwrap_or_else(|| generated_name('n'));
                 let netlink_err = |source| NicError::Netlink {
                     iface: name.clone(),
                     source,
@@ -355,6 +449,7 @@ impl Nic {
                 let mut created = CreatedLink {
                     index: None,
                     name: name.clone(),
+                    kind: "macvtap",
                 };
                 #[cfg(test)]
                 if tests::LOOKUP_FAILS.with(std::cell::Cell::get) {
@@ -369,6 +464,9 @@ impl Nic {
                 let mut nic = open_macvtap(&link, spec.queues, opts)?;
                 nic.created = Some(created);
                 nic.offloads = nic.queues[0].probe_offloads()?;
+                if let Some(host) = host {
+                    nic.host_port = Some(add_host_port(&mut rtnl, lower_link.index, lower, host)?);
+                }
                 Ok(nic)
             }
             NicKind::Tap(name) => {
@@ -389,6 +487,7 @@ impl Nic {
                     queues,
                     offloads,
                     created: None,
+                    host_port: None,
                 })
             }
             NicKind::Fd(fd) => {
@@ -419,6 +518,7 @@ impl Nic {
                     queues: vec![queue],
                     offloads,
                     created: None,
+                    host_port: None,
                 })
             }
         }
@@ -482,13 +582,69 @@ fn lookup(name: &str) -> Result<Link, NicError> {
         .ok_or_else(|| NicError::NoSuchLink(name.into()))
 }
 
-fn generated_name() -> String {
+/// `tpr<pid><role><counter>`: role `n` for a guest's macvtap, `h` for the host's macvlan.
+fn generated_name(role: char) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
-        "{LINK_PREFIX}{}n{}",
+        "{LINK_PREFIX}{}{role}{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Fails when `host`'s address is already on some interface in this network namespace.
+fn check_address_free(host: &HostAddr) -> Result<(), NicError> {
+    let netlink_err = |source| NicError::Netlink {
+        iface: format!("the addresses in use (for host={host})"),
+        source,
+    };
+    let mut rtnl = Rtnl::open().map_err(netlink_err)?;
+    let Some(taken) = rtnl
+        .addresses()
+        .map_err(netlink_err)?
+        .into_iter()
+        .find(|a| a.addr == host.addr)
+    else {
+        return Ok(());
+    };
+    let iface = rtnl
+        .links()
+        .map_err(netlink_err)?
+        .into_iter()
+        .find(|l| l.index == taken.index)
+        .map(|l| l.name)
+        .unwrap_or_else(|| format!("link #{}", taken.index));
+    Err(NicError::AddressInUse { addr: *host, iface })
+}
+
+/// The host's port on `lower`: a bridge-mode macvlan holding `host`'s address, deleted on drop.
+fn add_host_port(
+    rtnl: &mut Rtnl,
+    lower_index: u32,
+    lower: &str,
+    host: &HostAddr,
+) -> Result<CreatedLink, NicError> {
+    let name = generated_name('h');
+    let netlink_err = |source| NicError::Netlink {
+        iface: name.clone(),
+        source,
+    };
+    rtnl.create_macvlan_bridge(&name, lower_index, MacAddr::random_local())
+        .map_err(netlink_err)?;
+    let mut port = CreatedLink {
+        index: None,
+        name: name.clone(),
+        kind: "macvlan",
+    };
+    let link = rtnl
+        .link_by_name(&name)
+        .map_err(netlink_err)?
+        .ok_or_else(|| NicError::NoSuchLink(name.clone()))?;
+    port.index = Some(link.index);
+    rtnl.add_address(link.index, host.addr, host.prefix)
+        .map_err(netlink_err)?;
+    log::info!("created macvlan {name} with {host} on {lower}: the host's port to its guests");
+    Ok(port)
 }
 
 fn tap_open_error(name: &str, queues: usize, e: TapError) -> NicError {
@@ -585,6 +741,7 @@ fn open_macvtap(link: &Link, queues: usize, opts: &OpenOptions) -> Result<Nic, N
         queues: opened,
         offloads: 0,
         created: None,
+        host_port: None,
     })
 }
 
@@ -693,6 +850,8 @@ mod tests {
         }
         let spec: NicSpec = "link=lower0".parse().unwrap();
         assert_eq!(spec.to_string(), "link=lower0,mode=bridge");
+        let text = "link=lower0,mode=bridge,host=10.0.0.1/24";
+        assert_eq!(text.parse::<NicSpec>().unwrap().to_string(), text);
     }
 
     fn ok(spec: &str) -> NicSpec {
@@ -715,6 +874,7 @@ mod tests {
                 NicKind::Link {
                     lower: "eth1".into(),
                     mode: MacvtapMode::Bridge,
+                    host: None,
                 },
                 None,
                 1,
@@ -724,6 +884,7 @@ mod tests {
                 NicKind::Link {
                     lower: "eth1".into(),
                     mode: MacvtapMode::Vepa,
+                    host: None,
                 },
                 None,
                 2,
@@ -733,6 +894,33 @@ mod tests {
                 NicKind::Link {
                     lower: "eth1".into(),
                     mode: MacvtapMode::Passthru,
+                    host: None,
+                },
+                None,
+                1,
+            ),
+            (
+                "link=eth1,host=10.0.0.1/24",
+                NicKind::Link {
+                    lower: "eth1".into(),
+                    mode: MacvtapMode::Bridge,
+                    host: Some(HostAddr {
+                        addr: "10.0.0.1".parse().unwrap(),
+                        prefix: 24,
+                    }),
+                },
+                None,
+                1,
+            ),
+            (
+                "link=eth1,mode=vepa,host=fd00::1/64",
+                NicKind::Link {
+                    lower: "eth1".into(),
+                    mode: MacvtapMode::Vepa,
+                    host: Some(HostAddr {
+                        addr: "fd00::1".parse().unwrap(),
+                        prefix: 64,
+                    }),
                 },
                 None,
                 1,
@@ -764,6 +952,38 @@ mod tests {
             ("fd=0", "Tapir's own stdio"),
             ("fd=2", "Tapir's own stdio"),
             ("fd=3,queues=2", "hands over one queue"),
+            ("link=eth1,host=10.0.0.1", "give ADDR/PREFIX"),
+            (
+                "link=eth1,host=10.0.0.300/24",
+                "not an IPv4 or IPv6 address",
+            ),
+            ("link=eth1,host=10.0.0.1/33", "from 0 to 32"),
+            ("link=eth1,host=fd00::1/129", "from 0 to 128"),
+            ("link=eth1,host=10.0.0.1/x", "from 0 to 32"),
+            (
+                "link=eth1,host=0.0.0.0/24",
+                "cannot be an interface's own address",
+            ),
+            (
+                "link=eth1,host=224.0.0.1/4",
+                "cannot be an interface's own address",
+            ),
+            (
+                "link=eth1,host=255.255.255.255/32",
+                "cannot be an interface's own address",
+            ),
+            (
+                "macvtap=mvt0,host=10.0.0.1/24",
+                "host= only goes with link=",
+            ),
+            (
+                "link=eth1,mode=private,host=10.0.0.1/24",
+                "cannot work with mode=private",
+            ),
+            (
+                "link=eth1,mode=passthru,host=10.0.0.1/24",
+                "cannot work with mode=passthru",
+            ),
         ];
         for (text, why) in cases {
             let err = text.parse::<NicSpec>().expect_err(text).to_string();
@@ -785,12 +1005,14 @@ mod tests {
     fn tapir_named_links_tell_their_owner() {
         assert_eq!(link_owner("tpr1234n0"), Some(1234));
         assert_eq!(link_owner("tpr77n12"), Some(77));
+        assert_eq!(link_owner("tpr77h3"), Some(77));
         for other in [
             "mvt0", "tpr", "tprn0", "tpr12", "tpr12n", "tprxn0", "tpr1n2x", "xtpr1n0",
         ] {
             assert_eq!(link_owner(other), None, "{other}");
         }
-        assert_eq!(link_owner(&generated_name()), Some(std::process::id()));
+        assert_eq!(link_owner(&generated_name('n')), Some(std::process::id()));
+        assert_eq!(link_owner(&generated_name('h')), Some(std::process::id()));
     }
 
     #[test]

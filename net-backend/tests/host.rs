@@ -362,6 +362,128 @@ fn host_created_macvtap_is_deleted_on_drop_and_on_failure() {
     );
 }
 
+/// Sends one UDP datagram from `src` to the guest (10.78.0.2:7) out of interface `dev` only, and
+/// returns the UDP frames to the guest that the macvtap queue shows within a second.
+fn udp_from(dev: &str, src: [u8; 4], queue: &mut TapQueue) -> Vec<Vec<u8>> {
+    let sock = UdpSocket::bind((std::net::Ipv4Addr::from(src), 0)).expect("bind");
+    // SAFETY: SO_BINDTODEVICE reads `dev.len()` bytes from a live &str.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            dev.as_ptr().cast(),
+            dev.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_BINDTODEVICE {dev}: {}",
+        std::io::Error::last_os_error()
+    );
+    sock.send_to(b"host to guest", (std::net::Ipv4Addr::from(GUEST_IP), 7))
+        .expect("send_to");
+    read_until(queue, 1, Duration::from_secs(1), |f| {
+        is_udp_to_guest(f) && f[14 + 12..14 + 16] == src
+    })
+    .into_iter()
+    .map(|(_, f)| f)
+    .collect()
+}
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
+fn host_port_reaches_the_guest_where_the_lower_device_cannot() {
+    let ns = TestNs::new("hostport");
+    let o = opts(&ns);
+    let guest_mac = mac_str(&GUEST_MAC);
+    // The usual set-up: the host's address on the lower device. Frames from it leave by the wire
+    // and never come back to a macvtap on the same device.
+    ip(&[
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        "10.78.1.1/24",
+        "dev",
+        "lower0",
+    ]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "neigh",
+        "add",
+        "10.78.0.2",
+        "lladdr",
+        &guest_mac,
+        "dev",
+        "lower0",
+    ]);
+    let nic_spec = format!("link=lower0,mode=bridge,mac={guest_mac},host=10.78.0.50/24");
+    let (lower, port, shown, through_port) = ns.run(move || {
+        let mut nic = Nic::open(&spec(&nic_spec), &o).expect("link= with host=");
+        let lower = udp_from("lower0", [10, 78, 1, 1], &mut nic.queues_mut()[0]);
+        let port = tapir_net_backend::netlink::Rtnl::open()
+            .and_then(|mut r| r.links())
+            .expect("links")
+            .into_iter()
+            .find(|l| l.kind.as_deref() == Some("macvlan"))
+            .expect("a macvlan for the host")
+            .name;
+        // `ip` runs in this thread's network namespace.
+        let shown = sh("ip", &["-o", "addr", "show", "dev", &port]);
+        ip(&[
+            "neigh",
+            "add",
+            "10.78.0.2",
+            "lladdr",
+            &guest_mac,
+            "dev",
+            &port,
+        ]);
+        let through_port = udp_from(&port, [10, 78, 0, 50], &mut nic.queues_mut()[0]);
+        (lower, port, shown, through_port)
+    });
+    assert!(shown.contains("10.78.0.50/24"), "{port}: {shown}");
+    assert!(
+        lower.is_empty(),
+        "a frame from the lower device's own address reached the macvtap: {lower:?}"
+    );
+    assert_eq!(through_port.len(), 1, "nothing came through {port}");
+    let links = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    assert!(
+        !links.contains(&port) && ns.macvtaps().is_empty(),
+        "left behind: {links}"
+    );
+}
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
+fn host_port_errors_say_why_and_leave_nothing() {
+    let ns = TestNs::new("hosterr");
+    let o = opts(&ns);
+    let links_before = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    ns.run(move || {
+        let err = Nic::open(&spec("link=lower0,host=10.78.0.1/24"), &o).expect_err("in use");
+        assert!(
+            matches!(err, NicError::AddressInUse { ref iface, .. } if iface == "peer0"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("10.78.0.1/24"), "{err}");
+        let err = Nic::open(&spec("link=nosuch2,host=10.78.0.50/24"), &o).expect_err("no lower");
+        assert!(
+            matches!(err, NicError::NoSuchLink(ref n) if n == "nosuch2"),
+            "{err}"
+        );
+    });
+    assert_eq!(
+        sh("ip", &["-n", &ns.name, "-o", "link", "show"]),
+        links_before,
+        "a failed open left links behind"
+    );
+}
+
 #[test]
 #[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
 fn host_macvtaps_of_dead_tapir_processes_are_swept_and_others_kept() {
@@ -370,14 +492,30 @@ fn host_macvtaps_of_dead_tapir_processes_are_swept_and_others_kept() {
     let dead = gone.id();
     gone.wait().expect("wait");
     let stale = format!("tpr{dead}n0");
+    let stale_port = format!("tpr{dead}h1");
     let live = format!("tpr{}n9", std::process::id());
     for name in [stale.as_str(), live.as_str(), "mvt0"] {
         ip(&[
             "-n", &ns.name, "link", "add", "link", "lower0", "name", name, "type", "macvtap",
         ]);
     }
-    let removed = ns.run(|| tapir_net_backend::nic::sweep_stale_links().expect("sweep"));
-    assert_eq!(removed, vec![stale.clone()]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "link",
+        "add",
+        "link",
+        "lower0",
+        "name",
+        &stale_port,
+        "type",
+        "macvlan",
+    ]);
+    let mut removed = ns.run(|| tapir_net_backend::nic::sweep_stale_links().expect("sweep"));
+    removed.sort();
+    let mut want_removed = vec![stale.clone(), stale_port];
+    want_removed.sort();
+    assert_eq!(removed, want_removed);
     let mut left = ns.macvtaps();
     left.sort();
     let mut want = vec![live, "mvt0".to_string()];

@@ -70,10 +70,12 @@ struct RunArgs {
     #[arg(long, value_name = "stdio|none|file=PATH", default_value = "stdio", value_parser = parse_console)]
     console: ConsoleArg,
     /// A virtio-net device on a host NIC, repeatable (eth0, eth1... in order): `macvtap=NAME`,
-    /// `link=LOWER[,mode=bridge|vepa|private|passthru]` (a macvtap created with the guest's MAC and
-    /// deleted on exit), `tap=NAME` or `fd=N`; each with optional `,mac=MAC` (the guest's MAC always
-    /// equals the macvtap's) and `,queues=N` (1-16 queue pairs, one macvtap queue each; the guest
-    /// picks how many it uses through the control queue).
+    /// `link=LOWER[,mode=bridge|vepa|private|passthru][,host=ADDR/PREFIX]` (a macvtap created with
+    /// the guest's MAC and deleted on exit; `host=` adds a bridge-mode macvlan on LOWER holding ADDR,
+    /// so the host reaches the guest, which it cannot through LOWER's own address), `tap=NAME` or
+    /// `fd=N`; each with optional `,mac=MAC` (the guest's MAC always equals the macvtap's) and
+    /// `,queues=N` (1-16 queue pairs, one macvtap queue each; the guest picks how many it uses
+    /// through the control queue).
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NicSpec>,
     /// Print each NIC's counters (frames, bytes, offloaded frames, notifications, interrupts...)

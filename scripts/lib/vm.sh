@@ -39,9 +39,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 # check_vmm VMM: dies unless VMM is one this host can run.
 check_vmm() {
     case "$1" in
-        tapir|qemu) ;;
+        tapir|tapir-acpi-off|qemu) ;;
         qemu-vhost) [ -c /dev/vhost-net ] || die "qemu-vhost needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, qemu or qemu-vhost)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-acpi-off, qemu or qemu-vhost)" ;;
     esac
 }
 
@@ -102,10 +102,11 @@ start_vmm() {
     mkfifo "$work/mark"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir)
-            local fd3=$TAP_DEV
+        tapir|tapir-acpi-off)
+            local fd3=$TAP_DEV acpi=on
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
-            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" \
+            [ "$vmm" = tapir-acpi-off ] && acpi=off
+            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$tapir_net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)
@@ -122,7 +123,7 @@ start_vmm() {
     vmm_pid=$!
     # read-write, so that opening never blocks on a VMM that died first; the reads time out instead
     exec 4<>"$work/mark"
-    if [ "$vmm" = tapir ]; then
+    if [[ "$vmm" == tapir* ]]; then
         while IFS= read -r -t 60 line <&4; do
             [[ "$line" == *"guest init started"* ]] && break
         done
@@ -204,7 +205,7 @@ qmp_dump() { # QEMU's view of its virtio-net device's queues, over QMP (qmp_sock
 # apart, and the KVM events while the peer pings the guest.
 deaf_report() {
     echo "--- queue-state dump"
-    if [ "$1" = tapir ]; then
+    if [[ "$1" == tapir* ]]; then
         kill -USR1 "$vmm_pid" 2>/dev/null || true
         sleep 1
     else

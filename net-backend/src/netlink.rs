@@ -53,6 +53,16 @@ impl MacvtapMode {
             MacvtapMode::Passthru => MacVtapMode::Passthrough,
         }
     }
+
+    fn from_netlink(mode: MacVtapMode) -> Option<Self> {
+        match mode {
+            MacVtapMode::Bridge => Some(MacvtapMode::Bridge),
+            MacVtapMode::Vepa => Some(MacvtapMode::Vepa),
+            MacVtapMode::Private => Some(MacvtapMode::Private),
+            MacVtapMode::Passthrough => Some(MacvtapMode::Passthru),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for MacvtapMode {
@@ -92,6 +102,10 @@ pub struct Link {
     pub mtu: Option<u32>,
     /// IFF_UP and IFF_LOWER_UP both set.
     pub running: bool,
+    /// IFLA_LINK: the lower device of a macvtap, macvlan or veth, by index.
+    pub parent: Option<u32>,
+    /// A macvtap's or macvlan's mode (`None` for "source" mode and every other kind of link).
+    pub macvlan_mode: Option<MacvtapMode>,
 }
 
 /// One address on a link, as `ip addr` shows it.
@@ -354,11 +368,14 @@ fn parse_link(msg: &LinkMessage) -> Link {
         mtu: None,
         running: msg.header.flags.contains(LinkFlags::Up)
             && msg.header.flags.contains(LinkFlags::LowerUp),
+        parent: None,
+        macvlan_mode: None,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(m) => link.mtu = Some(*m),
+            LinkAttribute::Link(parent) => link.parent = Some(*parent),
             LinkAttribute::Address(a) if a.len() == 6 => {
                 let mut b = [0u8; 6];
                 b.copy_from_slice(a);
@@ -366,8 +383,23 @@ fn parse_link(msg: &LinkMessage) -> Link {
             }
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        link.kind = Some(kind.to_string());
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                        LinkInfo::Data(InfoData::MacVtap(data)) => {
+                            for d in data {
+                                if let InfoMacVtap::Mode(m) = d {
+                                    link.macvlan_mode = MacvtapMode::from_netlink(*m);
+                                }
+                            }
+                        }
+                        LinkInfo::Data(InfoData::MacVlan(data)) => {
+                            for d in data {
+                                if let InfoMacVlan::Mode(m) = d {
+                                    link.macvlan_mode = MacvtapMode::from_netlink(*m);
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

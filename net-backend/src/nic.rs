@@ -164,6 +164,20 @@ pub enum NicError {
     Queues { iface: String, why: String },
     #[error("host={addr}: that address is already on {iface} in this network namespace; give the host's port on the lower device an address of its own")]
     AddressInUse { addr: HostAddr, iface: String },
+    #[error("MAC {mac} is already taken on {lower} by {holder}: each guest on one lower device needs its own mac=")]
+    MacInUse {
+        mac: MacAddr,
+        lower: String,
+        holder: String,
+    },
+    #[error("{lower}: {why}")]
+    LowerTaken { lower: String, why: String },
+    #[error("mode=passthru: the macvtap takes {lower}'s own MAC, {actual}, so mac={asked} cannot be given (drop mac= or change {lower}'s)")]
+    PassthruMac {
+        lower: String,
+        actual: MacAddr,
+        asked: MacAddr,
+    },
     #[error("the guest MAC must equal macvtap {iface}'s, which is {actual}; mac={asked} was given (change the macvtap's with `ip link set {iface} address {asked}` or drop mac=)")]
     MacMismatch {
         iface: String,
@@ -442,8 +456,10 @@ impl Nic {
                     source,
                 };
                 let mut rtnl = Rtnl::open().map_err(netlink_err)?;
-                rtnl.create_macvtap(&name, lower_link.index, mac, *mode)
-                    .map_err(netlink_err)?;
+                if let Err(e) = rtnl.create_macvtap(&name, lower_link.index, mac, *mode) {
+                    return Err(explain_create_error(&mut rtnl, &lower_link, *mode, mac)
+                        .unwrap_or_else(|| netlink_err(e)));
+                }
                 // From here on the guard deletes the macvtap, also when looking it up or opening
                 // it fails.
                 let mut created = CreatedLink {
@@ -460,7 +476,22 @@ impl Nic {
                     .map_err(netlink_err)?
                     .ok_or_else(|| NicError::NoSuchLink(name.clone()))?;
                 created.index = Some(link.index);
-                log::info!("created macvtap {name} ({mac}, {mode:?}) on {lower}");
+                log::info!(
+                    "created macvtap {name} ({}, {mode:?}) on {lower}",
+                    link.mac.unwrap_or(mac)
+                );
+                if let (MacvtapMode::Passthru, Some(asked), Some(actual)) =
+                    (mode, spec.mac, link.mac)
+                {
+                    // The kernel gives a passthru macvtap its lower device's MAC, whatever was asked.
+                    if asked != actual {
+                        return Err(NicError::PassthruMac {
+                            lower: lower.clone(),
+                            actual,
+                            asked,
+                        });
+                    }
+                }
                 let mut nic = open_macvtap(&link, spec.queues, opts)?;
                 nic.created = Some(created);
                 nic.offloads = nic.queues[0].probe_offloads()?;
@@ -590,6 +621,58 @@ fn generated_name(role: char) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Why creating a macvtap on `lower` failed, where the other ports on it tell: the MAC is another
+/// port's (EADDRINUSE), or a passthru port would not be alone (EINVAL). None when they do not tell.
+fn explain_create_error(
+    rtnl: &mut Rtnl,
+    lower: &Link,
+    mode: MacvtapMode,
+    mac: MacAddr,
+) -> Option<NicError> {
+    let ports: Vec<Link> = rtnl
+        .links()
+        .ok()?
+        .into_iter()
+        .filter(|l| {
+            l.parent == Some(lower.index)
+                && matches!(l.kind.as_deref(), Some("macvtap" | "macvlan"))
+        })
+        .collect();
+    if let Some(holder) = ports.iter().find(|p| p.mac == Some(mac)) {
+        return Some(NicError::MacInUse {
+            mac,
+            lower: lower.name.clone(),
+            holder: holder.name.clone(),
+        });
+    }
+    if let Some(owner) = ports
+        .iter()
+        .find(|p| p.macvlan_mode == Some(MacvtapMode::Passthru))
+    {
+        return Some(NicError::LowerTaken {
+            lower: lower.name.clone(),
+            why: format!(
+                "{} {} holds it in passthru mode, alone; no other macvtap or macvlan can be added to it",
+                owner.kind.as_deref().unwrap_or("link"),
+                owner.name
+            ),
+        });
+    }
+    if mode == MacvtapMode::Passthru {
+        if let Some(other) = ports.first() {
+            return Some(NicError::LowerTaken {
+                lower: lower.name.clone(),
+                why: format!(
+                    "mode=passthru needs the lower device alone, but {} {} is already on it",
+                    other.kind.as_deref().unwrap_or("link"),
+                    other.name
+                ),
+            });
+        }
+    }
+    None
 }
 
 /// Fails when `host`'s address is already on some interface in this network namespace.

@@ -486,6 +486,59 @@ fn host_port_errors_say_why_and_leave_nothing() {
 
 #[test]
 #[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
+fn host_one_mac_twice_and_a_shared_passthru_are_refused_saying_why() {
+    let ns = TestNs::new("passthru");
+    let o = opts(&ns);
+    let links_before = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    ns.run(move || {
+        let lower_mac = MacAddr(link_mac("lower0"));
+        // Two guests asking for one MAC on one lower device.
+        let first = Nic::open(&spec("link=lower0,mac=52:54:00:aa:bb:07"), &o).expect("first");
+        let err = Nic::open(&spec("link=lower0,mode=vepa,mac=52:54:00:aa:bb:07"), &o)
+            .expect_err("the same MAC again");
+        assert!(
+            matches!(err, NicError::MacInUse { ref holder, .. } if holder == first.iface()),
+            "{err}"
+        );
+        // A passthru macvtap beside another one.
+        let err = Nic::open(&spec("link=lower0,mode=passthru"), &o).expect_err("not alone");
+        assert!(matches!(err, NicError::LowerTaken { .. }), "{err}");
+        assert!(err.to_string().contains(first.iface()), "{err}");
+        drop(first);
+
+        // Alone it works, with the lower device's MAC; nothing else fits beside it.
+        let pt = Nic::open(&spec("link=lower0,mode=passthru"), &o).expect("passthru alone");
+        assert_eq!(
+            pt.mac(),
+            lower_mac,
+            "a passthru guest has the lower device's MAC"
+        );
+        for other in ["link=lower0,mode=passthru", "link=lower0,mode=bridge"] {
+            let err = Nic::open(&spec(other), &o).expect_err("lower taken");
+            assert!(
+                matches!(err, NicError::LowerTaken { ref why, .. } if why.contains(pt.iface())),
+                "{other}: {err}"
+            );
+        }
+        drop(pt);
+
+        // mac= cannot be honoured in passthru mode: an error, not a silent other MAC.
+        let err = Nic::open(&spec("link=lower0,mode=passthru,mac=52:54:00:aa:bb:08"), &o)
+            .expect_err("passthru with mac=");
+        assert!(
+            matches!(err, NicError::PassthruMac { actual, .. } if actual == lower_mac),
+            "{err}"
+        );
+    });
+    assert_eq!(
+        sh("ip", &["-n", &ns.name, "-o", "link", "show"]),
+        links_before,
+        "refused opens left links behind"
+    );
+}
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
 fn host_macvtaps_of_dead_tapir_processes_are_swept_and_others_kept() {
     let ns = TestNs::new("sweep");
     let mut gone = std::process::Command::new("true").spawn().expect("true");

@@ -108,10 +108,18 @@ echo "UP-BYTES $(wc -c <$D/upload.bin)"
         run.line_value("UP-LOCAL "),
         "100 MB guest -> peer arrived intact"
     );
+    // A rate in any unit: a lab run beside other labs has moved UDP at 734 Kbits/sec.
     for prefix in ["TCP-OUT ", "TCP-IN ", "UDP "] {
+        let line = run.line_value(prefix);
+        let rate = line
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1].ends_with("bits/sec"))
+            .and_then(|w| w[0].parse::<f64>().ok());
         assert!(
-            run.line_value(prefix).contains("Mbits/sec"),
-            "{prefix}\n{run}"
+            rate.is_some_and(|r| r > 0.0),
+            "{prefix}: no rate above 0 in {line:?}\n{run}"
         );
     }
     // The guest's TCP used the offloads: segmentation and checksums left to the host, and GSO frames

@@ -33,6 +33,7 @@ use crate::vm::{BootClock, NetInfo, Vm};
 
 /// Offset of QueueNotify in a virtio-mmio window.
 const NOTIFY_OFFSET: u64 = 0x50;
+use crate::guest_ram;
 use crate::x86_64::{self, acpi, layout, mptable, ArchError, VcpuTemplate};
 
 /// The command line when none is given: console on the first UART, reboot through the i8042,
@@ -80,7 +81,7 @@ pub enum BuildError {
     AllocateMemory {
         mib: u64,
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: guest_ram::RamError,
     },
     #[error("registering guest memory slot {slot} ({size} bytes at {addr:#x}) with KVM")]
     RegisterMemory {
@@ -181,6 +182,7 @@ pub struct VmBuilder {
     nets: Vec<NicSpec>,
     seccomp: Seccomp,
     acpi: bool,
+    huge_pages: bool,
 }
 
 impl VmBuilder {
@@ -199,6 +201,7 @@ impl VmBuilder {
             nets: Vec::new(),
             seccomp: Seccomp::default(),
             acpi: true,
+            huge_pages: true,
         }
     }
 
@@ -264,6 +267,15 @@ impl VmBuilder {
         self
     }
 
+    /// Whether guest RAM asks for transparent huge pages (default on): each region is placed at a
+    /// 2 MiB-aligned host address and advised MADV_HUGEPAGE, so that KVM can map the guest with
+    /// 2 MiB pages, and the guest takes one nested page fault per 2 MiB it touches instead of one
+    /// per 4 KiB (as QEMU does). The host's THP setting still decides (`never` turns it off).
+    pub fn huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
+        self
+    }
+
     /// The KVM device (default `/dev/kvm`).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_path = path.into();
@@ -304,11 +316,20 @@ impl VmBuilder {
             .into_iter()
             .map(|(addr, len)| (GuestAddress(addr), len as usize))
             .collect();
-        let memory =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BuildError::AllocateMemory {
-                mib: self.memory_mib,
-                source,
+        let (memory, alignments) =
+            guest_ram::allocate(&ranges, self.huge_pages).map_err(|source| {
+                BuildError::AllocateMemory {
+                    mib: self.memory_mib,
+                    source,
+                }
             })?;
+        if self.huge_pages {
+            for ((guest, _), alignment) in ranges.iter().zip(&alignments) {
+                if let guest_ram::Alignment::Off(off) = alignment {
+                    log::debug!("guest RAM at {:#x}: host address {off:#x} off a 2 MiB boundary; KVM maps it with 4 KiB pages", guest.0);
+                }
+            }
+        }
         let kernel = loader::load_kernel(&memory, &self.kernel, mem_size)?;
         let initrd = match &self.initrd {
             Some(path) => Some(loader::load_initrd(&memory, path, &kernel, mem_size)?),

@@ -31,6 +31,7 @@ mod builder;
 mod console;
 mod device_loop;
 mod exit;
+mod guest_ram;
 pub mod kvm_stats;
 mod loader;
 mod seccomp;

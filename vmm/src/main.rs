@@ -98,6 +98,12 @@ struct RunArgs {
     /// writes. `off` leaves the tables out.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
     acpi: bool,
+    /// Back guest RAM with transparent huge pages (`on`): 2 MiB-aligned and advised MADV_HUGEPAGE,
+    /// so KVM maps the guest with 2 MiB pages and the guest takes far fewer nested page faults
+    /// (the host's /sys/kernel/mm/transparent_hugepage setting still decides). `off` uses 4 KiB
+    /// pages, as Tapir did before.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
+    huge_pages: bool,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -228,6 +234,7 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
         .memory_mib(args.memory)
         .console(console)
         .acpi(args.acpi)
+        .huge_pages(args.huge_pages)
         .seccomp(if args.seccomp {
             Seccomp::All
         } else {
@@ -367,6 +374,12 @@ mod tests {
             .unwrap()
             .command;
         assert!(!a.acpi);
+        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        assert!(a.huge_pages, "huge pages by default");
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--huge-pages", "off"])
+            .unwrap()
+            .command;
+        assert!(!a.huge_pages);
         assert!(parse(&["run", "--kernel", "k", "--acpi", "yes"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
 

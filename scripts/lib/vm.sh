@@ -39,9 +39,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 # check_vmm VMM: dies unless VMM is one this host can run.
 check_vmm() {
     case "$1" in
-        tapir|tapir-acpi-off|qemu) ;;
+        tapir|tapir-acpi-off|tapir-4k|qemu) ;;
         qemu-vhost) [ -c /dev/vhost-net ] || die "qemu-vhost needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-acpi-off, qemu or qemu-vhost)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
     esac
 }
 
@@ -102,11 +102,12 @@ start_vmm() {
     mkfifo "$work/mark"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir|tapir-acpi-off)
-            local fd3=$TAP_DEV acpi=on
+        tapir|tapir-acpi-off|tapir-4k)
+            local fd3=$TAP_DEV acpi=on huge=on
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = tapir-acpi-off ] && acpi=off
-            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" \
+            [ "$vmm" = tapir-4k ] && huge=off
+            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$tapir_net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)

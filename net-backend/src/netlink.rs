@@ -359,6 +359,95 @@ impl Rtnl {
     }
 }
 
+/// What the kernel announced about one link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// RTM_NEWLINK: the link exists; whether it is up with carrier.
+    Changed { index: u32, running: bool },
+    /// RTM_DELLINK: the link is gone (with a macvtap, also when its lower device went).
+    Deleted { index: u32 },
+}
+
+/// A NETLINK_ROUTE socket subscribed to the link group (RTMGRP_LINK), non-blocking: the kernel's
+/// announcements of links coming, going, and changing state, for an event loop to read when its fd
+/// is readable.
+pub struct LinkWatch {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+/// RTMGRP_LINK, the multicast group of link announcements.
+const RTMGRP_LINK: u32 = 1;
+
+impl LinkWatch {
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        socket
+            .bind(&SocketAddr::new(0, RTMGRP_LINK))
+            .map_err(NetlinkError::Socket)?;
+        socket
+            .set_non_blocking(true)
+            .map_err(NetlinkError::Socket)?;
+        Ok(LinkWatch {
+            socket,
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// The announcements waiting on the socket (none when it would block). A message that cannot
+    /// be parsed is skipped; a socket that overflowed (ENOBUFS: announcements were lost) is an
+    /// error, after which the caller should ask for the links it cares about afresh.
+    pub fn events(&mut self) -> Result<Vec<LinkEvent>, NetlinkError> {
+        let mut events = Vec::new();
+        loop {
+            let size = match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(size) => size,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(events),
+                Err(source) => {
+                    return Err(NetlinkError::Request {
+                        what: "read link announcements".into(),
+                        source,
+                    })
+                }
+            };
+            let mut offset = 0;
+            while offset < size {
+                let Ok(msg) =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..size])
+                else {
+                    break;
+                };
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                        let l = parse_link(&link);
+                        events.push(LinkEvent::Changed {
+                            index: l.index,
+                            running: l.running,
+                        });
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                        events.push(LinkEvent::Deleted {
+                            index: link.header.index,
+                        });
+                    }
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for LinkWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
 fn parse_link(msg: &LinkMessage) -> Link {
     let mut link = Link {
         index: msg.header.index,

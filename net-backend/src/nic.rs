@@ -340,6 +340,15 @@ impl Drop for CreatedLink {
         });
         match result {
             Ok(()) => log::debug!("deleted {} {}", self.kind, self.name),
+            Err(NetlinkError::Request { source, .. })
+                if source.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                log::info!(
+                    "{} {} was already gone (deleted with its lower device)",
+                    self.kind,
+                    self.name
+                )
+            }
             Err(e) => log::error!("deleting {} {}: {e}", self.kind, self.name),
         }
     }
@@ -402,6 +411,8 @@ impl Drop for PrivateNode {
 #[derive(Debug)]
 pub struct Nic {
     iface: String,
+    /// The host interface's index, where rtnetlink knows it.
+    index: Option<u32>,
     mac: MacAddr,
     mtu: Option<u32>,
     queues: Vec<TapQueue>,
@@ -509,12 +520,13 @@ impl Nic {
                             .map_err(|e| tap_open_error(name, spec.queues, e))?,
                     );
                 }
-                let mtu = lookup(name).ok().and_then(|l| l.mtu);
+                let link = lookup(name).ok();
                 let offloads = queues[0].probe_offloads()?;
                 Ok(Nic {
                     iface: name.clone(),
+                    index: link.as_ref().map(|l| l.index),
                     mac: spec.mac.unwrap_or_else(MacAddr::random_local),
-                    mtu,
+                    mtu: link.and_then(|l| l.mtu),
                     queues,
                     offloads,
                     created: None,
@@ -544,6 +556,7 @@ impl Nic {
                 let offloads = queue.probe_offloads()?;
                 Ok(Nic {
                     iface,
+                    index: link.as_ref().map(|l| l.index),
                     mac,
                     mtu: link.and_then(|l| l.mtu),
                     queues: vec![queue],
@@ -558,6 +571,11 @@ impl Nic {
     /// The host interface's name.
     pub fn iface(&self) -> &str {
         &self.iface
+    }
+
+    /// The host interface's index (what rtnetlink's link announcements name it by).
+    pub fn ifindex(&self) -> Option<u32> {
+        self.index
     }
 
     /// The MAC the guest must use (for a macvtap, the macvtap's own).
@@ -819,6 +837,7 @@ fn open_macvtap(link: &Link, queues: usize, opts: &OpenOptions) -> Result<Nic, N
     drop(private);
     Ok(Nic {
         iface: link.name.clone(),
+        index: Some(link.index),
         mac,
         mtu: link.mtu,
         queues: opened,

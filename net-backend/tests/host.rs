@@ -753,3 +753,54 @@ fn host_a_full_queue_wakes_an_edge_triggered_epoll_once_it_drains() {
         assert!(ready[0].event_set().contains(EventSet::OUT));
     });
 }
+
+#[test]
+#[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
+fn host_link_watch_sees_the_lower_device_go_down_and_away() {
+    use tapir_net_backend::netlink::{LinkEvent, LinkWatch};
+    let ns = TestNs::new("watch");
+    let o = opts(&ns);
+    let name = ns.name.clone();
+    ns.run(move || {
+        let nic = Nic::open(&spec("link=lower0"), &o).expect("open");
+        let index = nic.ifindex().expect("the macvtap's index");
+        let mut watch = LinkWatch::open().expect("watch");
+        // The macvtap's own announcements, waiting up to 2 s for at least one.
+        let mine = |watch: &mut LinkWatch| -> Vec<LinkEvent> {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut got = Vec::new();
+            while got.is_empty() && Instant::now() < deadline {
+                got.extend(watch.events().expect("events").into_iter().filter(|e| {
+                    matches!(e, LinkEvent::Changed { index: i, .. } | LinkEvent::Deleted { index: i } if *i == index)
+                }));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            got
+        };
+        watch.events().expect("reading what came before");
+        ip(&["-n", &name, "link", "set", "lower0", "down"]);
+        let down = mine(&mut watch);
+        assert!(
+            down.contains(&LinkEvent::Changed { index, running: false }),
+            "{down:?}"
+        );
+        ip(&["-n", &name, "link", "set", "lower0", "up"]);
+        let up = mine(&mut watch);
+        assert!(
+            up.contains(&LinkEvent::Changed { index, running: true }),
+            "{up:?}"
+        );
+        ip(&["-n", &name, "link", "del", "peer0"]);
+        let gone = mine(&mut watch);
+        assert!(gone.contains(&LinkEvent::Deleted { index }), "{gone:?}");
+        // The queue neither blocks nor fails once the macvtap is gone: reads find nothing.
+        let mut nic = nic;
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let mut body = vec![0u8; 2048];
+        let got = nic.queues_mut()[0]
+            .read_frame(&[RecvBuf::new(&mut hdr), RecvBuf::new(&mut body)])
+            .expect("a read after the macvtap went");
+        assert_eq!(got, None);
+        drop(nic); // logs that the macvtap was already gone, not an error
+    });
+}

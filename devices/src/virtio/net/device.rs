@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tapir_net_backend::{offload, NetBackend, RecvBuf, SendBuf};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,7 +20,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::rx::RxStash;
-use super::{config_space, offered_features, rx_frame_max, Malformed, QUEUE_SIZE};
+use super::{
+    config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
+};
 use crate::virtio::queue::{needs_interrupt, usable, DriverError};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 use crate::{error_limited, info_limited, warn_limited};
@@ -269,6 +273,26 @@ impl<B: NetBackend> Net<B> {
             }
             Err(_) => self.fail(DriverError::Rings { queue: index }),
         }
+    }
+
+    /// The host interface went down or away (`false`) or is back (`true`): the status field's
+    /// LINK_UP follows, and a driver that acked VIRTIO_NET_F_STATUS gets a configuration change
+    /// interrupt, so the guest sees its carrier go and come back. Returns whether anything changed.
+    pub fn set_link(&mut self, up: bool) -> bool {
+        let status = if up { LINK_UP } else { 0 };
+        let field = &mut self.config[STATUS_AT..STATUS_AT + 2];
+        if field == status.to_le_bytes() {
+            return false;
+        }
+        field.copy_from_slice(&status.to_le_bytes());
+        NetCounters::add(&self.counters.link_changes, 1);
+        let status_acked = self.acked_features & (1 << VIRTIO_NET_F_STATUS) != 0;
+        if let (Some(active), true) = (&self.active, status_acked) {
+            if let Err(e) = active.interrupt.signal_config() {
+                error_limited!("{}: raising the configuration interrupt: {e}", self.name);
+            }
+        }
+        true
     }
 
     /// The watchdog's turn: raise again an interrupt the guest has not acknowledged for

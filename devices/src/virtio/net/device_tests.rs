@@ -509,3 +509,38 @@ fn the_state_dump_shows_the_device_and_the_guest_rings_side_by_side() {
         .is_some_and(|b| b.contains("avail index 300")));
     assert!(s.to_string().contains("stopped (queue 1: avail index 300"));
 }
+
+#[test]
+fn the_host_link_going_and_coming_back_reaches_the_guest_as_its_link_status() {
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+    let status = |h: &Harness| {
+        let mut s = [0u8; 2];
+        h.net.read_config(6, &mut s);
+        u16::from_le_bytes(s)
+    };
+    let mut h = Harness::started(TUN_F_ALL, V1 | bit(VIRTIO_NET_F_STATUS));
+    assert_eq!(status(&h), VIRTIO_NET_S_LINK_UP as u16);
+    assert!(h.net.set_link(false), "a change");
+    assert_eq!(status(&h), 0);
+    assert!(h.irq.read().is_ok(), "the configuration change interrupt");
+    let irq = h.interrupt.as_ref().unwrap();
+    assert_ne!(irq.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+    irq.ack(VIRTIO_MMIO_INT_CONFIG);
+    assert!(!h.net.set_link(false), "no change, no interrupt");
+    assert!(h.irq.read().is_err());
+    assert!(h.net.set_link(true));
+    assert_eq!(status(&h), VIRTIO_NET_S_LINK_UP as u16);
+    assert!(h.irq.read().is_ok());
+    assert_eq!(h.net.counters().snapshot().link_changes, 2);
+
+    // A driver that did not ack STATUS reads the field but gets no interrupt for it.
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    assert!(h.net.set_link(false));
+    assert_eq!(status(&h), 0);
+    assert!(h.irq.read().is_err());
+    // Nor does a device no driver has started.
+    let mut h = Harness::new(TUN_F_ALL);
+    assert!(h.net.set_link(false));
+    assert!(h.irq.read().is_err());
+}

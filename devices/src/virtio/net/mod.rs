@@ -85,12 +85,14 @@ pub fn rx_frame_max(acked: u64, mtu: u16) -> usize {
 
 /// The status field's VIRTIO_NET_S_LINK_UP.
 const LINK_UP: u16 = 1;
+/// Where the status field sits in the configuration space.
+const STATUS_AT: usize = 6;
 
 /// The configuration space: mac, status, max_virtqueue_pairs, mtu.
 pub fn config_space(mac: [u8; 6], mtu: u16, pairs: u16) -> [u8; 12] {
     let mut c = [0u8; 12];
     c[..6].copy_from_slice(&mac);
-    c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+    c[STATUS_AT..STATUS_AT + 2].copy_from_slice(&LINK_UP.to_le_bytes());
     c[8..10].copy_from_slice(&pairs.to_le_bytes());
     c[10..12].copy_from_slice(&mtu.to_le_bytes());
     c

@@ -550,11 +550,14 @@ impl VmBuilder {
             let counters = net.counters();
             let net = Arc::new(Mutex::new(net));
             let state_of = net.clone();
+            let link_of = net.clone();
             net_infos.push(NetInfo {
                 name,
                 mac: nic.mac().to_string(),
                 counters,
                 state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
+                ifindex: nic.ifindex(),
+                set_link: Arc::new(move |up| tapir_devices::bus::lock(&link_of).set_link(up)),
             });
             let transport = MmioTransport::new(
                 net.clone(),

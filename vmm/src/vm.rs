@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use tapir_devices::legacy::SerialPort;
 use tapir_devices::virtio::net::{NetCounters, NetState};
 use tapir_devices::Bus;
+use tapir_net_backend::netlink::{LinkEvent, LinkWatch};
 use tapir_net_backend::Nic;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -127,6 +128,10 @@ pub struct NetInfo {
     pub mac: String,
     pub counters: Arc<NetCounters>,
     pub(crate) state: Arc<dyn Fn() -> NetState + Send + Sync>,
+    /// The host interface's index, for its link news.
+    pub(crate) ifindex: Option<u32>,
+    /// Tells the device whether the host interface is up; true when that changed its status.
+    pub(crate) set_link: Arc<dyn Fn(bool) -> bool + Send + Sync>,
 }
 
 impl NetInfo {
@@ -185,6 +190,74 @@ pub struct Vm {
     dump: DumpHandle,
     // Last: a macvtap created for the VM goes when everything using it has gone.
     _nics: Vec<Nic>,
+}
+
+/// Follows the NICs' host interfaces through rtnetlink's link news: one going down or away (a
+/// macvtap goes with its lower device) clears the guest's LINK_UP, and coming back sets it again,
+/// so the guest sees its carrier instead of sending into nothing.
+struct LinkMonitor {
+    watch: LinkWatch,
+    nets: Vec<NetInfo>,
+}
+
+impl LinkMonitor {
+    /// None when there is no interface to follow or no socket for the news (logged).
+    fn new(nets: &[NetInfo]) -> Option<Self> {
+        if nets.iter().all(|n| n.ifindex.is_none()) {
+            return None;
+        }
+        match LinkWatch::open() {
+            Ok(watch) => Some(LinkMonitor {
+                watch,
+                nets: nets.to_vec(),
+            }),
+            Err(e) => {
+                log::warn!("the NICs' link status will not follow their host interfaces: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for LinkMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.watch, EventSet::IN)) {
+            log::error!("watching the link news socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let events = match self.watch.events() {
+            Ok(events) => events,
+            Err(e) => {
+                tapir_devices::warn_limited!("reading link news: {e}");
+                return;
+            }
+        };
+        for event in events {
+            let (index, up, what) = match event {
+                LinkEvent::Changed { index, running } => (
+                    index,
+                    running,
+                    if running { "is up again" } else { "went down" },
+                ),
+                LinkEvent::Deleted { index } => (
+                    index,
+                    false,
+                    "was deleted (a macvtap goes with its lower device)",
+                ),
+            };
+            for net in self.nets.iter().filter(|n| n.ifindex == Some(index)) {
+                if (net.set_link)(up) {
+                    tapir_devices::warn_limited!(
+                        "{}: the host interface {what}; the guest's link is {}",
+                        net.name,
+                        if up { "up" } else { "down" }
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Wakes the main loop for the exit latch and turns a stop request into a stop reason.
@@ -300,6 +373,9 @@ impl Vm {
             nets: self.net_infos.clone(),
             shared: self.shared.clone(),
         })));
+        if let Some(monitor) = LinkMonitor::new(&self.net_infos) {
+            events.add_subscriber(Arc::new(Mutex::new(monitor)));
+        }
         // A system call a filter refuses stops the VM through the stop eventfd.
         let _denial = seccomp::StopOnDenial::new(self.stop.0.as_raw_fd());
         let devices = DeviceLoop::start(std::mem::take(&mut self.subscribers), &self.filters)

@@ -194,3 +194,62 @@ fn each_macvtap_mode_reaches_what_the_kernel_says() {
     );
     println!("{matrix}");
 }
+
+const GUEST_CARRIER: &str = r#"
+carrier() { cat /sys/class/net/eth0/carrier 2>/dev/null; }
+for _ in $(seq 50); do [ "$(carrier)" = 1 ] && break; sleep 0.2; done
+echo "CARRIER-BEFORE $(carrier)"
+for _ in $(seq 150); do [ "$(carrier)" = 0 ] && break; sleep 0.2; done
+echo "CARRIER-AFTER $(carrier)"
+"#;
+
+const HOST_CARRIER: &str = r#"
+set -u
+T=$1 K=$2 I=$3 D=$4
+eval "$(scripts/lib/testnet up carrier)"
+trap 'kill $(jobs -p) 2>/dev/null; scripts/lib/testnet down carrier' EXIT
+ip -n $VM_NS link del mvt0
+ip netns exec $VM_NS "$T" run --kernel $K --initrd $I --memory 256 --net link=lower0 --stats \
+    --cmdline "console=ttyS0 reboot=k panic=-1 tapir.ip=$GUEST_IP/$PREFIX" >$D/console.txt 2>&1 </dev/null &
+tapir=$!
+for _ in $(seq 1500); do grep -q "^CARRIER-BEFORE" $D/console.txt && break; sleep 0.1; done
+# The lower device goes away under the running guest (its veth pair deleted from the peer's side).
+ip -n $PEER_NS link del peer0
+wait $tapir
+echo "tapir-status=$?"
+cat $D/console.txt
+echo "LINKS-LEFT $(ip -n $VM_NS -o link show | grep -c 'tpr[0-9]')"
+"#;
+
+#[test]
+#[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
+fn the_guest_sees_its_link_go_when_the_lower_device_goes() {
+    let dir = scratch_dir("carrier");
+    let initrd = initramfs_with_script(&dir, GUEST_CARRIER);
+    let kernel = guest_file("bzImage");
+    let run = run_host_script_past_a_lab_crash(
+        &dir,
+        &["--timeout", "500"],
+        HOST_CARRIER,
+        &[
+            TAPIR,
+            kernel.to_str().unwrap(),
+            initrd.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+    );
+    for wanted in [
+        "CARRIER-BEFORE 1",
+        "CARRIER-AFTER 0",
+        "the guest's link is down",
+        "tapir-status=0",
+        "LINKS-LEFT 0",
+    ] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
+    assert_eq!(run.number("link_changes"), 1, "{run}");
+    assert!(
+        !run.stdout.contains("ERROR"),
+        "the macvtap that went with its lower device is no error\n{run}"
+    );
+}

@@ -159,25 +159,9 @@ impl Rtnl {
         mac: MacAddr,
         mode: MacvtapMode,
     ) -> Result<(), NetlinkError> {
-        let mut msg = LinkMessage::default();
-        msg.header.flags = LinkFlags::Up;
-        msg.header.change_mask = LinkFlags::Up;
-        msg.attributes.push(LinkAttribute::IfName(name.into()));
-        msg.attributes.push(LinkAttribute::Link(lower));
-        msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::MacVtap),
-            LinkInfo::Data(InfoData::MacVtap(vec![InfoMacVtap::Mode(
-                mode.to_netlink(),
-            )])),
-        ]));
+        let data = InfoData::MacVtap(vec![InfoMacVtap::Mode(mode.to_netlink())]);
         let what = format!("create macvtap {name} ({mode:?}, {mac}) on link #{lower}");
-        self.request(
-            RouteNetlinkMessage::NewLink(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-            &what,
-        )
-        .map(drop)
+        self.create_port(name, lower, mac, InfoKind::MacVtap, data, &what)
     }
 
     /// Creates macvlan `name` in bridge mode on `lower` with `mac`, already up: the host's own port on
@@ -188,6 +172,21 @@ impl Rtnl {
         lower: u32,
         mac: MacAddr,
     ) -> Result<(), NetlinkError> {
+        let data = InfoData::MacVlan(vec![InfoMacVlan::Mode(MacVlanMode::Bridge)]);
+        let what = format!("create macvlan {name} (bridge, {mac}) on link #{lower}");
+        self.create_port(name, lower, mac, InfoKind::MacVlan, data, &what)
+    }
+
+    /// Creates link `name` of `kind` with `data` on the lower device `lower`, with `mac`, already up.
+    fn create_port(
+        &mut self,
+        name: &str,
+        lower: u32,
+        mac: MacAddr,
+        kind: InfoKind,
+        data: InfoData,
+        what: &str,
+    ) -> Result<(), NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
@@ -195,16 +194,13 @@ impl Rtnl {
         msg.attributes.push(LinkAttribute::Link(lower));
         msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::MacVlan),
-            LinkInfo::Data(InfoData::MacVlan(vec![InfoMacVlan::Mode(
-                MacVlanMode::Bridge,
-            )])),
+            LinkInfo::Kind(kind),
+            LinkInfo::Data(data),
         ]));
-        let what = format!("create macvlan {name} (bridge, {mac}) on link #{lower}");
         self.request(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            &what,
+            what,
         )
         .map(drop)
     }

@@ -451,7 +451,7 @@ fn host_port_reaches_the_guest_where_the_lower_device_cannot() {
         "a frame from the lower device's own address reached the macvtap: {lower:?}"
     );
     assert_eq!(through_port.len(), 1, "nothing came through {port}");
-    let links = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    let links = ns.links();
     assert!(
         !links.contains(&port) && ns.macvtaps().is_empty(),
         "left behind: {links}"
@@ -463,7 +463,7 @@ fn host_port_reaches_the_guest_where_the_lower_device_cannot() {
 fn host_port_errors_say_why_and_leave_nothing() {
     let ns = TestNs::new("hosterr");
     let o = opts(&ns);
-    let links_before = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    let links_before = ns.links();
     ns.run(move || {
         let err = Nic::open(&spec("link=lower0,host=10.78.0.1/24"), &o).expect_err("in use");
         assert!(
@@ -477,11 +477,7 @@ fn host_port_errors_say_why_and_leave_nothing() {
             "{err}"
         );
     });
-    assert_eq!(
-        sh("ip", &["-n", &ns.name, "-o", "link", "show"]),
-        links_before,
-        "a failed open left links behind"
-    );
+    assert_eq!(ns.links(), links_before, "a failed open left links behind");
 }
 
 #[test]
@@ -489,7 +485,7 @@ fn host_port_errors_say_why_and_leave_nothing() {
 fn host_one_mac_twice_and_a_shared_passthru_are_refused_saying_why() {
     let ns = TestNs::new("passthru");
     let o = opts(&ns);
-    let links_before = sh("ip", &["-n", &ns.name, "-o", "link", "show"]);
+    let links_before = ns.links();
     ns.run(move || {
         let lower_mac = MacAddr(link_mac("lower0"));
         // Two guests asking for one MAC on one lower device.
@@ -530,11 +526,7 @@ fn host_one_mac_twice_and_a_shared_passthru_are_refused_saying_why() {
             "{err}"
         );
     });
-    assert_eq!(
-        sh("ip", &["-n", &ns.name, "-o", "link", "show"]),
-        links_before,
-        "refused opens left links behind"
-    );
+    assert_eq!(ns.links(), links_before, "refused opens left links behind");
 }
 
 #[test]

@@ -93,6 +93,11 @@ impl TestNs {
         ]);
     }
 
+    /// `ip -o link show` in the namespace: every link, one per line.
+    pub fn links(&self) -> String {
+        sh("ip", &["-n", &self.name, "-o", "link", "show"])
+    }
+
     /// Names of the macvtap links in the namespace.
     pub fn macvtaps(&self) -> Vec<String> {
         sh(

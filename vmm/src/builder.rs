@@ -26,6 +26,7 @@ use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
 
 use crate::console::{Console, GuestOutput};
 use crate::exit::{ExitLatch, ExitReason};
+use crate::guest_ram;
 use crate::loader::{self, LoadError};
 use crate::seccomp::{Filters, Seccomp, SeccompError};
 use crate::vcpu::Shared;
@@ -33,7 +34,6 @@ use crate::vm::{BootClock, NetInfo, Vm};
 
 /// Offset of QueueNotify in a virtio-mmio window.
 const NOTIFY_OFFSET: u64 = 0x50;
-use crate::guest_ram;
 use crate::x86_64::{self, acpi, layout, mptable, ArchError, VcpuTemplate};
 
 /// The command line when none is given: console on the first UART, reboot through the i8042,
@@ -316,20 +316,12 @@ impl VmBuilder {
             .into_iter()
             .map(|(addr, len)| (GuestAddress(addr), len as usize))
             .collect();
-        let (memory, alignments) =
-            guest_ram::allocate(&ranges, self.huge_pages).map_err(|source| {
-                BuildError::AllocateMemory {
-                    mib: self.memory_mib,
-                    source,
-                }
-            })?;
-        if self.huge_pages {
-            for ((guest, _), alignment) in ranges.iter().zip(&alignments) {
-                if let guest_ram::Alignment::Off(off) = alignment {
-                    log::debug!("guest RAM at {:#x}: host address {off:#x} off a 2 MiB boundary; KVM maps it with 4 KiB pages", guest.0);
-                }
+        let (memory, _) = guest_ram::allocate(&ranges, self.huge_pages).map_err(|source| {
+            BuildError::AllocateMemory {
+                mib: self.memory_mib,
+                source,
             }
-        }
+        })?;
         let kernel = loader::load_kernel(&memory, &self.kernel, mem_size)?;
         let initrd = match &self.initrd {
             Some(path) => Some(loader::load_initrd(&memory, path, &kernel, mem_size)?),

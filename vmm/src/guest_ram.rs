@@ -74,6 +74,12 @@ pub fn allocate(
         } else {
             Alignment::Off(off)
         });
+        if huge_pages && off != 0 {
+            log::debug!(
+                "guest RAM at {:#x}: host address {off:#x} off a 2 MiB boundary; KVM maps it with 4 KiB pages",
+                guest.0
+            );
+        }
         if huge_pages {
             // SAFETY: the range is exactly the mapping just made; MADV_HUGEPAGE changes how the
             // kernel backs it, never its contents.

@@ -5,13 +5,16 @@
 # NAME)"`; it defines functions only. The caller sets:
 #   work           a private directory (console.log, vmm.out, vmm.err, vmm.log and the marker pipe go there)
 #   tapir kernel initrd cpus mem_mib guest_cmdline (guest_kernel KIND sets kernel and qemu_acpi)
-#   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket), and tapir_net,
-#   Tapir's --net SPEC (default fd=3, the test network's macvtap; another SPEC gets /dev/null as fd 3)
+#   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket), tapir_net,
+#   Tapir's --net SPEC (default fd=3, the test network's macvtap; another SPEC gets /dev/null as fd 3),
+#   and qemu_tap, QEMU's tap netdev options (default fd=3; e.g. ifname=tap0,script=no,downscript=no
+#   for a tap on a Linux bridge, when fd 3 is /dev/null for QEMU too)
 # VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
 # the macvtap as fd 3 opened on the same /dev/tapN.
 
 qemu_extra=()
 tapir_net=fd=3
+qemu_tap=fd=3
 qemu_acpi=off qemu_rtc=off
 
 # guest_kernel KIND: the guest for KIND (test: guest-images/out/bzImage; debian, debian-cloud,
@@ -64,18 +67,20 @@ while :; do sleep 3600; done
 GUEST
 }
 
+# The measuring functions live in scripts/lib/benchmeasure.py (unit-tested); these call it.
+benchmeasure() { /usr/bin/python3 scripts/lib/benchmeasure.py "$@"; }
+
 # RSS of PID outside mappings at least as large as guest RAM, in KiB.
-rss_outside_guest() {
-    awk -v guest_kb=$((mem_mib * 1024)) '
-        /^Size:/ { size = $2 }
-        /^Rss:/ { total += $2; if (size >= guest_kb) guest += $2 }
-        END { print total - guest }' "/proc/$1/smaps"
+rss_outside_guest() { benchmeasure rss "$1" "$mem_mib"; }
+
+guest_counters_raw() { # the guest's counters CGI's body
+    # (timeout, not wget's -T: Debian 12's static busybox wget crashes with -T)
+    in_peer timeout 10 busybox wget -q -O - "http://$GUEST_IP/cgi-bin/counters"
 }
 
 guest_counters() { # -> "virtio_interrupts eth0_frames" (received and sent) from the guest
-    # (timeout, not wget's -T: Debian 12's static busybox wget crashes with -T)
-    in_peer timeout 10 busybox wget -q -O - "http://$GUEST_IP/cgi-bin/counters" \
-        | awk '{ v[NR] = $1 } END { if (NR == 3) print v[1], v[2] + v[3]; else exit 1 }'
+    local body
+    body=$(guest_counters_raw) && benchmeasure guest-counters <<<"$body"
 }
 
 # answers: the guest answers the peer, over HTTP or else to a ping.
@@ -111,15 +116,16 @@ start_vmm() {
                 --cpus "$cpus" --memory "$mem_mib" --net "$tapir_net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)
-            local vhost=off
+            local vhost=off fd3=$TAP_DEV
+            [ "$qemu_tap" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = qemu-vhost ] && vhost=on
             ip netns exec "$VM_NS" qemu-system-x86_64 -M "microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi" \
                 -enable-kvm -cpu host -smp "$cpus" -m "$mem_mib" -nodefaults -no-user-config -display none \
                 -no-reboot -serial "file:$work/console.log" \
                 -chardev "pipe,id=mark,path=$work/mark" -device isa-debugcon,iobase=0x402,chardev=mark \
-                -netdev "tap,id=n0,fd=3,vhost=$vhost" -device "virtio-net-device,netdev=n0,mac=$MAC,id=net0" "${qemu_extra[@]}" \
+                -netdev "tap,id=n0,$qemu_tap,vhost=$vhost" -device "virtio-net-device,netdev=n0,mac=$MAC,id=net0" "${qemu_extra[@]}" \
                 -kernel "$kernel" -initrd "$initrd" -append "$guest_cmdline reboot=t" \
-                3<>"$TAP_DEV" </dev/null >"$work/vmm.out" 2>"$work/vmm.err" & ;;
+                3<>"$fd3" </dev/null >"$work/vmm.out" 2>"$work/vmm.err" & ;;
     esac
     vmm_pid=$!
     # read-write, so that opening never blocks on a VMM that died first; the reads time out instead

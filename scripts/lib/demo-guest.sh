@@ -15,3 +15,6 @@ iperf3 -c "$peer" -t 3 -f m | grep -E 'sender|receiver'
 iperf3 -c "$peer" -t 3 -f m -R | grep -E 'sender|receiver'
 echo "--- guest: iperf3 UDP to the peer, 64-byte datagrams, 3 s"
 iperf3 -c "$peer" -u -b 0 -l 64 -t 3 | grep -E 'receiver'
+echo "--- guest: reach guest B (10.77.0.3), a second Tapir guest on a macvtap of the same lower device"
+ping -c 3 -W 2 10.77.0.3
+wget -q -O - http://10.77.0.3/hello | sed 's/^/guest B says: /'

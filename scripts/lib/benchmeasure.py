@@ -17,6 +17,8 @@ Command line (used by scripts/lib/bench-run, scripts/lib/soak-long and scripts/l
                              the figures of one iperf3 run (PHASE tcp_out, tcp_in, udp_out or udp_in)
                              from the snapshots around it, one `figure value` per line
   ping FILE                  `median p99` of the round trips in busybox/iputils ping output, in ms
+  startup TRACE MARKER       ms from the trace marker MARKER to the first kvm_entry after it in a tracefs
+                             trace (the VMM's start to its first vCPU entering the guest)
   guest-counters             stdin: the guest's counters CGI output -> "irqs frames"
 """
 
@@ -148,6 +150,31 @@ def percentile(values, p):
     return v[int(rank) - 1]
 
 
+_TRACE_EVENT = re.compile(r"\s(\d+\.\d+):\s+([a-z_]+):\s?(.*)$")
+
+
+def first_entry_after_marker(trace, marker):
+    """Seconds from the trace marker `marker` (written just before the VMM is started) to the first
+    kvm_entry after it (a vCPU entering its guest: the first KVM_RUN doing its work), in a tracefs
+    trace. Raises MeasureError when either is missing."""
+    start = None
+    for line in trace.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _TRACE_EVENT.search(line)
+        if not m:
+            continue
+        ts, event, rest = float(m.group(1)), m.group(2), m.group(3)
+        if start is None:
+            if event == "tracing_mark_write" and rest.strip() == marker:
+                start = ts
+        elif event == "kvm_entry":
+            return ts - start
+    if start is None:
+        raise MeasureError(f"no trace marker {marker!r} in the trace")
+    raise MeasureError("no kvm_entry after the trace marker (the trace buffer full, or no vCPU ran)")
+
+
 def guest_counters(text):
     """(virtio interrupts, eth0 frames received + sent) from the guest's counters CGI: three numbers,
     one per line (the HTTP body)."""
@@ -261,7 +288,7 @@ def snapshot(pid, kvm_dir, hist_path, guest, proc="/proc"):
 
 
 def main(argv):
-    usage = "usage: benchmeasure.py rss|snapshot|phase|ping|guest-counters ARGS (see the module's docstring)"
+    usage = "usage: benchmeasure.py rss|snapshot|phase|ping|startup|guest-counters ARGS (see the module's docstring)"
     if not argv:
         sys.exit(usage)
     cmd, args = argv[0], argv[1:]
@@ -279,6 +306,8 @@ def main(argv):
         elif cmd == "ping" and len(args) == 1:
             rtts = ping_rtts(_read(args[0]))
             print(f"{median(rtts):.3f} {percentile(rtts, 99):.3f}")
+        elif cmd == "startup" and len(args) == 2:
+            print(f"{first_entry_after_marker(_read(args[0]), args[1]) * 1000:.3f}")
         elif cmd == "guest-counters" and not args:
             print(*guest_counters(sys.stdin.read()))
         else:

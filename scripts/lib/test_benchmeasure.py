@@ -152,6 +152,34 @@ round-trip min/avg/max = 0.912/1.058/1.204 ms
             bm.parse_snapshot("irqs=x frames=2 exits=3 notifies=4 vmm_ticks=5 softirq_ticks=6 host_ticks=7")
 
 
+TRACE = """\
+# tracer: nop
+#
+#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION
+#              | |         |   |||||     |         |
+     CPU 0/KVM-900     [001] d..1.    99.000000: kvm_entry: vcpu 0, rip 0x100000
+            bash-1234    [000] .....   100.000100: tracing_mark_write: tapir-bench start 2
+            bash-1234    [000] .....   100.000200: tracing_mark_write: tapir-bench start 1
+ qemu-system-x86-1240    [000] .....   100.010000: kvm_mmio: mmio write len 4 gpa 0xfeb00050 val 0x0
+     CPU 0/KVM-1250    [001] d..1.   100.052300: kvm_entry: vcpu 0, rip 0xfff0
+     CPU 0/KVM-1250    [001] d..1.   100.060000: kvm_entry: vcpu 0, rip 0x1000
+"""
+
+
+class Startup(unittest.TestCase):
+    def test_first_entry_after_the_marker(self):
+        self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 1"), 0.0521, places=6)
+        # an entry before the marker (another VM) does not count; an earlier marker's run starts earlier
+        self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 2"), 0.0522, places=6)
+
+    def test_missing_marker_or_entry(self):
+        with self.assertRaisesRegex(bm.MeasureError, "no trace marker"):
+            bm.first_entry_after_marker(TRACE, "tapir-bench start 3")
+        no_entry = "\n".join(line for line in TRACE.splitlines() if "100.05" not in line and "100.06" not in line)
+        with self.assertRaisesRegex(bm.MeasureError, "no kvm_entry"):
+            bm.first_entry_after_marker(no_entry, "tapir-bench start 1")
+
+
 class PhaseFigures(unittest.TestCase):
     def test_per_frame_figures(self):
         before = snap(irqs=100, frames=1000, exits=50, notifies=10, vmm_ticks=200, softirq_ticks=1000,

@@ -7,8 +7,10 @@
 #   tapir kernel initrd cpus mem_mib guest_cmdline (guest_kernel KIND sets kernel and qemu_acpi)
 #   and optionally qemu_extra, an array of further QEMU arguments (e.g. a QMP socket), tapir_net,
 #   Tapir's --net SPEC (default fd=3, the test network's macvtap; another SPEC gets /dev/null as fd 3),
-#   and qemu_tap, QEMU's tap netdev options (default fd=3; e.g. ifname=tap0,script=no,downscript=no
-#   for a tap on a Linux bridge, when fd 3 is /dev/null for QEMU too)
+#   qemu_tap, QEMU's tap netdev options (default fd=3; e.g. ifname=tap0,script=no,downscript=no
+#   for a tap on a Linux bridge, when fd 3 is /dev/null for QEMU too), and vmm_start_trace and
+#   vmm_start_marker: a tracefs instance directory whose trace_marker gets vmm_start_marker written
+#   just before the VMM starts
 # VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
 # the macvtap as fd 3 opened on the same /dev/tapN.
 
@@ -105,6 +107,8 @@ start_vmm() {
     local vmm=$1 t0 t1 line='' c
     rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log"
     mkfifo "$work/mark"
+    # (a trace marker for the start-up figure, where the caller set one up)
+    [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
     case "$vmm" in
         tapir|tapir-acpi-off|tapir-4k)

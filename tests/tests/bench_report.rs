@@ -8,8 +8,9 @@ use std::process::Command;
 
 use tapir_tests::{repo_root, scratch_dir, Run};
 
-const FIGURES: [&str; 24] = [
+const FIGURES: [&str; 25] = [
     "boot_s",
+    "startup_ms",
     "rss_boot_kib",
     "rss_after_kib",
     "tcp_out_mbps",
@@ -52,9 +53,50 @@ fn raw_data(skip: Option<(&str, &str)>) -> String {
     raw
 }
 
+/// `--suite modes`: each figure of that suite, Tapir on macvtap 3 and on the bridge 6 in every round.
+const MODES_FIGURES: [&str; 18] = [
+    "tcp_out_mbps",
+    "tcp_in_mbps",
+    "udp_out_kpps",
+    "udp_in_kpps",
+    "rtt_ms",
+    "rtt_p99_ms",
+    "host_cpu_ms_per_kframe_tcp_out",
+    "host_cpu_ms_per_kframe_tcp_in",
+    "host_cpu_ms_per_kframe_udp_out",
+    "host_cpu_ms_per_kframe_udp_in",
+    "softirq_ms_per_kframe_tcp_out",
+    "softirq_ms_per_kframe_tcp_in",
+    "softirq_ms_per_kframe_udp_out",
+    "softirq_ms_per_kframe_udp_in",
+    "vmm_cpu_ms_per_kframe_tcp_out",
+    "vmm_cpu_ms_per_kframe_tcp_in",
+    "vmm_cpu_ms_per_kframe_udp_out",
+    "vmm_cpu_ms_per_kframe_udp_in",
+];
+
+fn modes_raw_data() -> String {
+    let mut raw = String::from(
+        "BENCH-INFO vmms tapir tapir@bridge\nBENCH-INFO command scripts/bench --suite modes\n",
+    );
+    for round in 1..=2 {
+        for (cfg, value) in [("tapir", 3), ("tapir@bridge", 6)] {
+            for figure in MODES_FIGURES {
+                raw += &format!("BENCH {cfg} {round} {figure} {value}\n");
+            }
+        }
+    }
+    raw
+}
+
 fn report(raw: &Path, out: &Path) -> Run {
+    report_with(&[], raw, out)
+}
+
+fn report_with(options: &[&str], raw: &Path, out: &Path) -> Run {
     let output = Command::new("/usr/bin/python3")
         .arg(repo_root().join("scripts/lib/bench-report"))
+        .args(options)
         .arg(raw)
         .arg(out)
         .output()
@@ -141,4 +183,56 @@ fn report_refuses_a_run_that_lacks_a_figure() {
     let run = report(&raw, &out);
     assert_eq!(run.status, Some(1), "{run}");
     assert!(run.stderr.contains("tapir boot_s"), "{run}");
+}
+
+#[test]
+#[ignore = "needs /usr/bin/python3 with matplotlib (scripts/test installs python3-matplotlib)"]
+fn modes_report_is_a_section_that_both_suites_keep() {
+    let dir = scratch_dir("bench-report-modes");
+    let (net_raw, modes_raw) = (dir.join("net.txt"), dir.join("modes.txt"));
+    fs::write(&net_raw, raw_data(None)).unwrap();
+    fs::write(&modes_raw, modes_raw_data()).unwrap();
+    let out = dir.join("out");
+    let net_row = "| TCP guest→peer, Mbit/s (higher is better) | 2 (1-3) | 4 (4-5) | 0.50 |";
+    let modes_row = "| TCP guest→peer, Mbit/s (higher is better) | 3 (3-3) | 6 (6-6) | 0.50 |";
+
+    let run = report(&net_raw, &out);
+    assert_eq!(run.status, Some(0), "{run}");
+    let run = report_with(&["--suite", "modes"], &modes_raw, &out);
+    assert_eq!(run.status, Some(0), "{run}");
+    run.assert_stdout_has(modes_row);
+    let md = fs::read_to_string(out.join("benchmarks.md")).unwrap();
+    assert!(
+        md.contains(net_row),
+        "the modes report dropped the net table\n{md}"
+    );
+    assert!(md.contains(modes_row), "{md}");
+    assert!(md.contains("](bench/modes.png)"), "{md}");
+    let png = fs::read(out.join("bench/modes.png")).expect("modes.png");
+    assert!(png.starts_with(b"\x89PNG\r\n"), "modes.png is not a PNG");
+
+    // The net suite again: its table is rewritten and the modes section stays, once.
+    let run = report(&net_raw, &out);
+    assert_eq!(run.status, Some(0), "{run}");
+    let md = fs::read_to_string(out.join("benchmarks.md")).unwrap();
+    assert_eq!(md.matches(modes_row).count(), 1, "{md}");
+    assert_eq!(md.matches(net_row).count(), 1, "{md}");
+    // And the modes suite again: one section, not two.
+    let run = report_with(&["--suite", "modes"], &modes_raw, &out);
+    assert_eq!(run.status, Some(0), "{run}");
+    let md = fs::read_to_string(out.join("benchmarks.md")).unwrap();
+    assert_eq!(
+        md.matches("## macvtap against a Linux bridge + tap")
+            .count(),
+        1,
+        "{md}"
+    );
+
+    // A configuration lacking a figure is refused by name.
+    let lacking = modes_raw_data().replace("BENCH tapir@bridge 2 rtt_p99_ms 6\n", "");
+    let lacking = lacking.replace("BENCH tapir@bridge 1 rtt_p99_ms 6\n", "");
+    fs::write(&modes_raw, lacking).unwrap();
+    let run = report_with(&["--suite", "modes"], &modes_raw, &dir.join("out2"));
+    assert_eq!(run.status, Some(1), "{run}");
+    assert!(run.stderr.contains("tapir@bridge rtt_p99_ms"), "{run}");
 }

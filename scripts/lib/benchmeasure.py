@@ -17,8 +17,9 @@ Command line (used by scripts/lib/bench-run, scripts/lib/soak-long and scripts/l
                              the figures of one iperf3 run (PHASE tcp_out, tcp_in, udp_out or udp_in)
                              from the snapshots around it, one `figure value` per line
   ping FILE                  `median p99` of the round trips in busybox/iputils ping output, in ms
-  startup TRACE MARKER       ms from the trace marker MARKER to the first kvm_entry after it in a tracefs
-                             trace (the VMM's start to its first vCPU entering the guest)
+  startup TRACE MARKER [EXE] ms from the trace marker MARKER, or from the first exec of a file named EXE
+                             after it, to the first kvm_entry after that in a tracefs trace (the VMM's
+                             start to its first vCPU entering the guest)
   guest-counters             stdin: the guest's counters CGI output -> "irqs frames"
 """
 
@@ -151,13 +152,17 @@ def percentile(values, p):
 
 
 _TRACE_EVENT = re.compile(r"\s(\d+\.\d+):\s+([a-z_]+):\s?(.*)$")
+_EXEC_FILENAME = re.compile(r"filename=(\S+)")
 
 
-def first_entry_after_marker(trace, marker):
-    """Seconds from the trace marker `marker` (written just before the VMM is started) to the first
-    kvm_entry after it (a vCPU entering its guest: the first KVM_RUN doing its work), in a tracefs
-    trace. Raises MeasureError when either is missing."""
+def first_entry_after_marker(trace, marker, exe=None):
+    """Seconds to the first kvm_entry (a vCPU entering its guest: the first KVM_RUN doing its work)
+    in a tracefs trace, counted from the trace marker `marker` (written just before the VMM is
+    started) or, with exe, from the first sched_process_exec of a file named exe after that marker
+    (the VMM's own exec, leaving out whatever ran before it, such as `ip netns exec`). Raises
+    MeasureError when one of them is missing."""
     start = None
+    marked = False
     for line in trace.splitlines():
         if line.startswith("#"):
             continue
@@ -165,14 +170,21 @@ def first_entry_after_marker(trace, marker):
         if not m:
             continue
         ts, event, rest = float(m.group(1)), m.group(2), m.group(3)
-        if start is None:
+        if not marked:
             if event == "tracing_mark_write" and rest.strip() == marker:
+                marked = True
+                start = None if exe else ts
+        elif start is None:
+            f = _EXEC_FILENAME.search(rest) if event == "sched_process_exec" else None
+            if f and os.path.basename(f.group(1)) == exe:
                 start = ts
         elif event == "kvm_entry":
             return ts - start
-    if start is None:
+    if not marked:
         raise MeasureError(f"no trace marker {marker!r} in the trace")
-    raise MeasureError("no kvm_entry after the trace marker (the trace buffer full, or no vCPU ran)")
+    if start is None:
+        raise MeasureError(f"no exec of {exe} after the trace marker")
+    raise MeasureError("no kvm_entry after the start (the trace buffer full, or no vCPU ran)")
 
 
 def guest_counters(text):
@@ -306,8 +318,9 @@ def main(argv):
         elif cmd == "ping" and len(args) == 1:
             rtts = ping_rtts(_read(args[0]))
             print(f"{median(rtts):.3f} {percentile(rtts, 99):.3f}")
-        elif cmd == "startup" and len(args) == 2:
-            print(f"{first_entry_after_marker(_read(args[0]), args[1]) * 1000:.3f}")
+        elif cmd == "startup" and len(args) in (2, 3):
+            exe = args[2] if len(args) == 3 else None
+            print(f"{first_entry_after_marker(_read(args[0]), args[1], exe) * 1000:.3f}")
         elif cmd == "guest-counters" and not args:
             print(*guest_counters(sys.stdin.read()))
         else:

@@ -160,6 +160,8 @@ TRACE = """\
      CPU 0/KVM-900     [001] d..1.    99.000000: kvm_entry: vcpu 0, rip 0x100000
             bash-1234    [000] .....   100.000100: tracing_mark_write: tapir-bench start 2
             bash-1234    [000] .....   100.000200: tracing_mark_write: tapir-bench start 1
+              ip-1239    [000] .....   100.001000: sched_process_exec: filename=/usr/bin/ip pid=1239 old_pid=1239
+ qemu-system-x86-1239    [000] .....   100.020000: sched_process_exec: filename=/usr/bin/qemu-system-x86_64 pid=1239 old_pid=1239
  qemu-system-x86-1240    [000] .....   100.010000: kvm_mmio: mmio write len 4 gpa 0xfeb00050 val 0x0
      CPU 0/KVM-1250    [001] d..1.   100.052300: kvm_entry: vcpu 0, rip 0xfff0
      CPU 0/KVM-1250    [001] d..1.   100.060000: kvm_entry: vcpu 0, rip 0x1000
@@ -171,6 +173,13 @@ class Startup(unittest.TestCase):
         self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 1"), 0.0521, places=6)
         # an entry before the marker (another VM) does not count; an earlier marker's run starts earlier
         self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 2"), 0.0522, places=6)
+
+    def test_from_the_vmm_s_own_exec(self):
+        self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 1", "qemu-system-x86_64"),
+                               0.0323, places=6)
+        self.assertAlmostEqual(bm.first_entry_after_marker(TRACE, "tapir-bench start 1", "ip"), 0.0513, places=6)
+        with self.assertRaisesRegex(bm.MeasureError, "no exec of tapir"):
+            bm.first_entry_after_marker(TRACE, "tapir-bench start 1", "tapir")
 
     def test_missing_marker_or_entry(self):
         with self.assertRaisesRegex(bm.MeasureError, "no trace marker"):

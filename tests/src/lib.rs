@@ -170,11 +170,20 @@ pub fn run_host_script(dir: &Path, lab_args: &[&str], script: &str, args: &[&str
 /// What Tapir prints when a guest triple-faults.
 const GUEST_TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 
-/// [`run_host_script`] for a script whose guests never mean to triple-fault. In the lab, nested
-/// guests now and then crash with a triple fault under every VMM (QEMU too: docs/soak.md and
-/// issue 12 count and trace them), so a run where one did is printed and run once more; a
-/// second crash fails the test as any other failure. On a host with hardware virtualization a
-/// triple fault is never run again.
+/// What a host script prints (with its VMM's queue-state dump) when its guest outlived the time the
+/// script gives it, so that a stalled guest ends the script instead of the lab's timeout.
+pub const GUEST_STALLED: &str = "GUEST-STALLED";
+
+/// Where the first runs of repeated lab scripts are kept; scripts/test lists them at its end.
+pub fn lab_retry_dir() -> PathBuf {
+    repo_root().join("target/lab-retries")
+}
+
+/// [`run_host_script`] for a script whose guests never mean to triple-fault or stall. In the lab,
+/// nested guests now and then crash with a triple fault under every VMM (QEMU too: docs/soak.md and
+/// issue 12 count and trace them) or stop answering, so a run where one did is kept (in
+/// [`lab_retry_dir`], named after `dir`, and printed) and run once more; a second failure fails
+/// the test as any other. On a host with hardware virtualization nothing is run again.
 pub fn run_host_script_past_a_lab_crash(
     dir: &Path,
     lab_args: &[&str],
@@ -182,10 +191,25 @@ pub fn run_host_script_past_a_lab_crash(
     args: &[&str],
 ) -> Run {
     let run = run_host_script(dir, lab_args, script, args);
-    if host_has_hardware_kvm() || !run.stdout.contains(GUEST_TRIPLE_FAULT) {
+    let failure = [GUEST_TRIPLE_FAULT, GUEST_STALLED]
+        .into_iter()
+        .find(|marker| run.stdout.contains(marker));
+    let Some(failure) = failure else {
+        return run;
+    };
+    if host_has_hardware_kvm() {
         return run;
     }
-    println!("a guest triple-faulted in the lab; running the script once more\n{run}");
+    let name = dir
+        .file_name()
+        .map_or("run".into(), |n| n.to_string_lossy());
+    let kept = lab_retry_dir().join(format!("{name}.log"));
+    let _ = fs::create_dir_all(lab_retry_dir());
+    let _ = fs::write(&kept, format!("first run ({failure}):\n{run}"));
+    println!(
+        "{failure} in the lab; kept in {}; running the script once more\n{run}",
+        kept.display()
+    );
     run_host_script(dir, lab_args, script, args)
 }
 

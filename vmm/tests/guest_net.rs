@@ -62,6 +62,13 @@ tapir=$!
 for _ in $(seq 1 300); do grep -q "^eth0:" $D/console.txt && break; sleep 0.1; done
 ip netns exec $PEER_NS busybox ping -c 3 -W 2 $GUEST_IP && echo "PING-IN ok"
 kill -USR1 $tapir   # the queue-state dump
+# The guest reboots when its script is done (about 50 s in the lab); one that stalls is stopped after
+# 300 s with a second dump, before the lab's own timeout.
+for _ in $(seq 300); do kill -0 $tapir 2>/dev/null || break; sleep 1; done
+if kill -0 $tapir 2>/dev/null; then
+    echo "GUEST-STALLED: tapir still running after 300 s"
+    kill -USR1 $tapir; sleep 1; kill $tapir
+fi
 wait $tapir
 echo "tapir-status=$?"
 cat $D/console.txt

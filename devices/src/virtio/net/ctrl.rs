@@ -107,12 +107,8 @@ impl<B: NetBackend> Net<B> {
         else {
             return ERR;
         };
-        let set_up = (0..pairs).all(|p| {
-            self.active
-                .as_ref()
-                .and_then(|a| a.pairs.get(p))
-                .is_some_and(|p| p.usable)
-        });
+        let set_up = self.active.is_some()
+            && (0..pairs).all(|p| self.pairs.get(p).is_some_and(|p| p.usable()));
         if pairs == 0 || pairs > self.pairs.len() || !set_up {
             warn_limited!(
                 "{}: the guest asked for {pairs} queue pairs of {} (all of them set up: {set_up})",

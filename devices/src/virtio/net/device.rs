@@ -8,22 +8,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tapir_net_backend::{offload, NetBackend, RecvBuf, SendBuf};
+use tapir_net_backend::{offload, NetBackend};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
-use super::rx::RxStash;
+use super::pair::{QueuePair, Scratch};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
 };
-use crate::virtio::queue::{needs_interrupt, usable, DriverError};
+use crate::virtio::queue::{usable, DriverError};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 use crate::{error_limited, info_limited, warn_limited};
 
@@ -59,33 +59,10 @@ pub(super) enum Pass {
 /// Most queue pairs a device has.
 pub const MAX_PAIRS: u16 = 31;
 
-/// One queue pair's host side.
-pub(super) struct Pair<B> {
-    pub backend: B,
-    /// The backend may hold frames not read yet (its fd is edge-triggered).
-    pub rx_pending: bool,
-    /// The backend refused a frame with EAGAIN; TX waits for it to become writable.
-    pub tx_blocked: bool,
-}
-
-/// One queue pair's guest side, once the driver started the device.
-pub(super) struct ActivePair {
-    pub rx: Queue,
-    pub tx: Queue,
-    /// RX chains taken from `rx` that no frame has used yet.
-    pub rx_stash: RxStash,
-    /// `rx`'s next used index when the device last decided whether to interrupt the guest.
-    pub rx_decided_at: u16,
-    /// Both queues are ready and inside guest memory; a pair the driver left unset is never
-    /// touched (not even its rings' flags, which would sit at guest address 0).
-    pub usable: bool,
-}
-
 /// What the device works with once the driver started it.
 pub(super) struct Active {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
-    pub pairs: Vec<ActivePair>,
     pub ctrl: Option<Queue>,
     pub mrg_rxbuf: bool,
     pub rx_frame_max: usize,
@@ -94,7 +71,8 @@ pub(super) struct Active {
 /// A virtio-net device over backends `B` (macvtap queues, or socketpairs in tests).
 pub struct Net<B: NetBackend> {
     pub(super) name: String,
-    pub(super) pairs: Vec<Pair<B>>,
+    /// The data plane: one per backend.
+    pub(super) pairs: Vec<QueuePair<B>>,
     /// Pairs the driver uses (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); 1 until it says otherwise.
     pub(super) pairs_in_use: usize,
     queue_sizes: Vec<u16>,
@@ -118,11 +96,7 @@ pub struct Net<B: NetBackend> {
     /// Fires every [`WATCHDOG_PERIOD`]: an interrupt the guest left unacknowledged for
     /// [`INTERRUPT_OVERDUE`] is raised again.
     pub(super) watchdog: TimerFd,
-    // Scratch space reused for every frame.
-    pub(super) rx_iov: Vec<RecvBuf<'static>>,
-    pub(super) tx_iov: Vec<SendBuf<'static>>,
-    pub(super) rx_hdr_bufs: Vec<(GuestAddress, u32)>,
-    pub(super) rx_used: Vec<(u16, u32)>,
+    pub(super) scratch: Scratch,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -168,11 +142,8 @@ impl<B: NetBackend> Net<B> {
             name: name.into(),
             pairs: backends
                 .into_iter()
-                .map(|backend| Pair {
-                    backend,
-                    rx_pending: false,
-                    tx_blocked: false,
-                })
+                .enumerate()
+                .map(|(p, backend)| QueuePair::new(p, backend))
                 .collect(),
             pairs_in_use: 1,
             queue_sizes: vec![QUEUE_SIZE; queues],
@@ -195,10 +166,7 @@ impl<B: NetBackend> Net<B> {
                 t.reset(WATCHDOG_PERIOD, Some(WATCHDOG_PERIOD))?;
                 t
             },
-            rx_iov: Vec::with_capacity(64),
-            tx_iov: Vec::with_capacity(64),
-            rx_hdr_bufs: Vec::with_capacity(4),
-            rx_used: Vec::with_capacity(64),
+            scratch: Scratch::default(),
         })
     }
 
@@ -249,14 +217,8 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let pair = index / 2;
-        let wanted = match active.pairs.get_mut(pair) {
-            // RX returns a frame's chains together (put_all), which needs_notification misses
-            Some(p) if index % 2 == 0 => {
-                let since = std::mem::replace(&mut p.rx_decided_at, p.rx.next_used());
-                needs_interrupt(&p.rx, &active.mem, index, since).map_err(|_| ())
-            }
-            Some(p) => p.tx.needs_notification(&active.mem).map_err(|_| ()),
+        let wanted = match self.pairs.get_mut(index / 2) {
+            Some(pair) => pair.wants_interrupt(index % 2 == 0, &active.mem),
             None => match active.ctrl.as_mut() {
                 Some(ctrl) => ctrl.needs_notification(&active.mem).map_err(|_| ()),
                 None => return,
@@ -364,16 +326,6 @@ impl<B: NetBackend> Net<B> {
             self.notify_guest(index);
         }
     }
-
-    /// The queues of pair `pair` when the device runs, the driver set them up and broke no rule.
-    pub(super) fn serving(&self, pair: usize) -> bool {
-        self.broken.is_none()
-            && self
-                .active
-                .as_ref()
-                .and_then(|a| a.pairs.get(pair))
-                .is_some_and(|p| p.usable)
-    }
 }
 
 /// Counts a refused chain and says so, rate-limited: a guest that keeps sending them must not
@@ -452,17 +404,9 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             self.acked_features
         );
         let mut queues = queues.into_iter();
-        let mut pairs = Vec::with_capacity(self.pairs.len());
-        for _ in 0..self.pairs.len() {
+        for pair in &mut self.pairs {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
-                let usable = usable(&rx, &mem) && usable(&tx, &mem);
-                pairs.push(ActivePair {
-                    rx,
-                    tx,
-                    rx_stash: RxStash::default(),
-                    rx_decided_at: 0,
-                    usable,
-                });
+                pair.start(rx, tx, &mem);
             }
         }
         self.broken = None;
@@ -470,15 +414,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active = Some(Active {
             mem,
             interrupt,
-            pairs,
             ctrl: queues.next().filter(|_| ctrl_acked),
             mrg_rxbuf: self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_frame_max: rx_frame_max(self.acked_features, self.mtu),
         });
-        for pair in &mut self.pairs {
-            pair.rx_pending = true;
-            pair.tx_blocked = false;
-        }
         self.signal_state();
         Ok(())
     }
@@ -490,7 +429,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.resched = 0;
         self.acked_features = 0;
         for pair in &mut self.pairs {
-            pair.tx_blocked = false;
+            pair.stop();
             if let Err(e) = pair.backend.set_offloads(0) {
                 warn_limited!("{}: clearing offloads on reset: {e}", self.name);
             }

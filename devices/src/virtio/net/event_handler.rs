@@ -171,10 +171,13 @@ impl<B: NetBackend> Net<B> {
 
     /// Host memory the device holds for RX, in buffers: (stashed buffers, scratch iovec capacity).
     pub fn fuzz_rx_holdings(&self) -> (usize, usize) {
-        let stashed = self
-            .active
-            .as_ref()
-            .map_or(0, |a| a.pairs.iter().map(|p| p.rx_stash.buffers()).sum());
-        (stashed, self.rx_iov.capacity())
+        let stashed = self.active.as_ref().map_or(0, |_| {
+            self.pairs
+                .iter()
+                .filter_map(|p| p.queues.as_ref())
+                .map(|q| q.rx_stash.buffers())
+                .sum()
+        });
+        (stashed, self.scratch.rx_iov.capacity())
     }
 }

@@ -131,13 +131,13 @@ fn the_rx_stash_stays_bounded_whatever_the_guest_posts() {
     h.peer.send(&frame).unwrap();
     h.net.pairs[0].rx_pending = true;
     h.net.process_rx(0);
-    let stash = &h.net.active.as_ref().unwrap().pairs[0].rx_stash;
+    let stash = &h.net.pairs[0].queues.as_ref().unwrap().rx_stash;
     assert!(
         stash.buffers() <= 2 * MAX_CHAIN_BUFFERS,
         "{} buffers held",
         stash.buffers()
     );
-    assert!(h.net.rx_iov.capacity() <= 2 * MAX_CHAIN_BUFFERS);
+    assert!(h.net.scratch.rx_iov.capacity() <= 2 * MAX_CHAIN_BUFFERS);
     let used = h.used(RX);
     assert_eq!(used[0], (0, frame.len() as u32), "the frame arrived whole");
     assert_eq!(h.net.counters().snapshot().rx_frames, 1);

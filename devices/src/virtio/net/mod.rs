@@ -1,8 +1,10 @@
 //! The virtio-net device (virtio 1.2, 5.1): one RX/TX queue pair over a [`NetBackend`], with the
 //! guest's checksum and segmentation offloads handed to the host kernel as they are.
 //!
-//! - `device.rs`: features, configuration space, activation and reset;
-//! - `rx.rs` / `tx.rs`: the data path, `readv`/`writev` straight between the backend and guest buffers;
+//! - `device.rs`: the control plane: features, configuration space, activation and reset;
+//! - `pair.rs`: the data plane, one object per queue pair (its backend queue and virtqueues);
+//! - `rx.rs` / `tx.rs`: a pair's passes, `readv`/`writev` straight between the backend and guest
+//!   buffers;
 //! - `event_handler.rs`: the event-loop side (queue notifications, the backend's fd);
 //! - `counters.rs`: per-device counters.
 //!
@@ -13,6 +15,7 @@ mod ctrl;
 mod device;
 mod event_handler;
 mod iovec;
+mod pair;
 mod rx;
 mod state;
 mod tx;

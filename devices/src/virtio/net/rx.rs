@@ -28,8 +28,9 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, rx_index, Net, Pass, BUDGET};
+use super::device::{report_malformed, rx_index, Pass, BUDGET};
 use super::iovec::{push_writable, recycle, writable, write_at};
+use super::pair::{PassContext, QueuePair, Scratch};
 use super::{Malformed, HDR_LEN};
 use crate::virtio::queue::{descriptors, pop, put, put_all, DriverError, MAX_CHAIN_BUFFERS};
 use crate::warn_limited;
@@ -73,29 +74,23 @@ impl RxStash {
     }
 }
 
-impl<B: NetBackend> Net<B> {
-    /// Moves frames from pair `pair`'s backend to its RX queue while both have some, for at most a
-    /// budget of frames.
-    pub(super) fn process_rx(&mut self, pair: usize) {
-        if !self.serving(pair) {
-            return;
-        }
-        let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
-            return;
+impl<B: NetBackend> QueuePair<B> {
+    /// Moves frames from the backend to the RX queue while both have some, for at most a budget
+    /// of frames. Returns how the pass ended and whether it used any chain.
+    pub(super) fn rx_pass(&mut self, ctx: &PassContext, scratch: &mut Scratch) -> (Pass, bool) {
+        let Some(q) = self.queues.as_mut() else {
+            return (Pass::Done, false);
         };
-        let mem = &active.mem;
-        let Some(ap) = active.pairs.get_mut(pair) else {
-            return;
-        };
-        let index = rx_index(pair);
-        let (rx, stash) = (&mut ap.rx, &mut ap.rx_stash);
-        let counters = &self.counters;
+        let mem = ctx.mem;
+        let index = rx_index(self.number);
+        let (rx, stash) = (&mut q.rx, &mut q.rx_stash);
+        let counters = ctx.counters;
         // Without MRG_RXBUF a frame goes into exactly one chain.
-        let max_chains = if active.mrg_rxbuf { usize::MAX } else { 1 };
+        let max_chains = if ctx.mrg_rxbuf { usize::MAX } else { 1 };
         let mut used_any = false;
         let mut budget = BUDGET;
         let pass = 'frames: loop {
-            if !slot.rx_pending {
+            if !self.rx_pending {
                 break Pass::Done;
             }
             if budget == 0 {
@@ -104,7 +99,7 @@ impl<B: NetBackend> Net<B> {
             budget -= 1;
             // Top the stash up to room for the largest frame.
             let mut ring_empty = false;
-            while stash.room < active.rx_frame_max
+            while stash.room < ctx.rx_frame_max
                 && stash.chains.len() < max_chains
                 && stash.bufs.len() < MAX_CHAIN_BUFFERS
                 && budget > 0
@@ -139,7 +134,7 @@ impl<B: NetBackend> Net<B> {
                         break 'frames Pass::Failed(e);
                     }
                     used_any = true;
-                    report_malformed(&self.name, counters, why);
+                    report_malformed(ctx.name, counters, why);
                     continue;
                 }
                 let nbufs = stash.bufs.len() - before;
@@ -155,10 +150,10 @@ impl<B: NetBackend> Net<B> {
             // the largest frame before will again: wait for it to add buffers while the stash is
             // below its caps, as for an empty ring. (A driver that never posts that much gets
             // what fits, rather than nothing.)
-            stash.room_seen |= stash.room >= active.rx_frame_max;
+            stash.room_seen |= stash.room >= ctx.rx_frame_max;
             let short = max_chains > 1
                 && stash.room_seen
-                && stash.room < active.rx_frame_max
+                && stash.room < ctx.rx_frame_max
                 && stash.bufs.len() < MAX_CHAIN_BUFFERS
                 && stash.chains.len() < usize::from(rx.size());
             if stash.chains.is_empty() || (short && (ring_empty || budget == 0)) {
@@ -183,7 +178,7 @@ impl<B: NetBackend> Net<B> {
                 }
                 offered += chain.bufs;
             }
-            let mut iov = recycle(std::mem::take(&mut self.rx_iov));
+            let mut iov = recycle(std::mem::take(&mut scratch.rx_iov));
             let mut outside = false;
             for buf in stash.bufs.iter().take(offered) {
                 outside |= push_writable(mem, *buf, &mut iov).is_err();
@@ -191,58 +186,59 @@ impl<B: NetBackend> Net<B> {
             if outside {
                 // Checked when stashed, and guest memory does not change while the device runs;
                 // should it anyway, the chains go back empty rather than anywhere near the host.
-                self.rx_iov = recycle(iov);
+                scratch.rx_iov = recycle(iov);
                 for chain in stash.chains.drain(..) {
                     if let Err(e) = put(rx, mem, index, chain.head, 0) {
                         break 'frames Pass::Failed(e);
                     }
-                    report_malformed(&self.name, counters, Malformed::OutsideMemory);
+                    report_malformed(ctx.name, counters, Malformed::OutsideMemory);
                 }
                 stash.bufs.clear();
                 stash.room = 0;
                 used_any = true;
                 continue;
             }
-            let result = slot.backend.read_frame(&iov);
-            self.rx_iov = recycle(iov);
+            let result = self.backend.read_frame(&iov);
+            scratch.rx_iov = recycle(iov);
             match result {
                 Ok(Some(n)) => {
                     // The first chain's buffers hold the header, where num_buffers goes.
-                    self.rx_hdr_bufs.clear();
+                    scratch.rx_hdr_bufs.clear();
                     let first_bufs = stash.chains.front().map_or(0, |c| c.bufs);
-                    self.rx_hdr_bufs
+                    scratch
+                        .rx_hdr_bufs
                         .extend(stash.bufs.iter().take(first_bufs).copied());
                     // The chains the frame filled, its num_buffers, then the chains returned
                     // together: the driver must never see part of a frame.
-                    self.rx_used.clear();
+                    scratch.rx_used.clear();
                     let mut remaining = n;
                     for chain in &stash.chains {
-                        if remaining == 0 && !self.rx_used.is_empty() {
+                        if remaining == 0 && !scratch.rx_used.is_empty() {
                             break;
                         }
                         let used = u32::try_from(remaining).map_or(chain.len, |r| r.min(chain.len));
-                        self.rx_used.push((chain.head, used));
+                        scratch.rx_used.push((chain.head, used));
                         remaining -= used as usize;
                     }
                     // at most MAX_CHAIN_BUFFERS chains
-                    let used_chains = u16::try_from(self.rx_used.len()).unwrap_or(u16::MAX);
+                    let used_chains = u16::try_from(scratch.rx_used.len()).unwrap_or(u16::MAX);
                     write_at(
                         mem,
-                        &self.rx_hdr_bufs,
+                        &scratch.rx_hdr_bufs,
                         NUM_BUFFERS_OFFSET,
                         &used_chains.to_le_bytes(),
                     );
-                    if let Err(e) = put_all(rx, mem, index, &self.rx_used) {
+                    if let Err(e) = put_all(rx, mem, index, &scratch.rx_used) {
                         break 'frames Pass::Failed(e);
                     }
-                    for _ in 0..self.rx_used.len() {
+                    for _ in 0..scratch.rx_used.len() {
                         if let Some(chain) = stash.chains.pop_front() {
                             stash.bufs.drain(..chain.bufs);
                             stash.room -= chain.len as usize;
                         }
                     }
                     let mut hdr = [0u8; 2];
-                    if let Some((addr, _)) = self.rx_hdr_bufs.first() {
+                    if let Some((addr, _)) = scratch.rx_hdr_bufs.first() {
                         let _ = mem.read_slice(&mut hdr, *addr);
                     }
                     NetCounters::add(&counters.rx_frames, 1);
@@ -255,14 +251,14 @@ impl<B: NetBackend> Net<B> {
                     }
                     used_any = true;
                 }
-                Ok(None) => slot.rx_pending = false,
+                Ok(None) => self.rx_pending = false,
                 Err(e) => {
                     counters.rx_errors.fetch_add(1, Ordering::Relaxed);
-                    warn_limited!("{}: reading a frame from the backend: {e}", self.name);
-                    slot.rx_pending = false;
+                    warn_limited!("{}: reading a frame from the backend: {e}", ctx.name);
+                    self.rx_pending = false;
                 }
             }
         };
-        self.end_pass(index, pass, used_any);
+        (pass, used_any)
     }
 }

@@ -9,7 +9,7 @@ use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::device::Net;
+use super::device::{rx_index, tx_index, Net};
 
 /// One queue's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +87,20 @@ impl<B: NetBackend> Net<B> {
         let mut interrupt_pending = false;
         if let Some(active) = &self.active {
             interrupt_pending = active.interrupt.status() & VIRTIO_MMIO_INT_VRING != 0;
-            for (p, pair) in active.pairs.iter().enumerate() {
-                let mut rx = queue_state(2 * p, &pair.rx, pair.usable, &active.mem);
-                rx.stashed_chains = pair.rx_stash.chains();
-                rx.stashed_buffers = pair.rx_stash.buffers();
+            for pair in &self.pairs {
+                let Some(q) = &pair.queues else {
+                    continue;
+                };
+                let mut rx = queue_state(rx_index(pair.number), &q.rx, q.usable, &active.mem);
+                rx.stashed_chains = q.rx_stash.chains();
+                rx.stashed_buffers = q.rx_stash.buffers();
                 queues.push(rx);
-                queues.push(queue_state(2 * p + 1, &pair.tx, pair.usable, &active.mem));
+                queues.push(queue_state(
+                    tx_index(pair.number),
+                    &q.tx,
+                    q.usable,
+                    &active.mem,
+                ));
             }
             if let (Some(ctrl), Some(index)) = (&active.ctrl, self.ctrl_index()) {
                 queues.push(queue_state(index, ctrl, true, &active.mem));

@@ -10,31 +10,26 @@ use tapir_net_backend::NetBackend;
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::counters::NetCounters;
-use super::device::{report_malformed, tx_index, Net, Pass, BUDGET};
+use super::device::{report_malformed, tx_index, Pass, BUDGET};
 use super::iovec::{push_readable, recycle};
+use super::pair::{PassContext, QueuePair, Scratch};
 use super::{Malformed, HDR_LEN, MAX_GSO_FRAME};
 use crate::virtio::queue::{descriptors, pop, put, DriverError};
 use crate::warn_limited;
 
-impl<B: NetBackend> Net<B> {
-    /// Sends what the guest queued on pair `pair` until the queue is empty, the backend is full or
-    /// the pass's budget is spent.
-    pub(super) fn process_tx(&mut self, pair: usize) {
-        if !self.serving(pair) {
-            return;
+impl<B: NetBackend> QueuePair<B> {
+    /// Sends what the guest queued until the queue is empty, the backend is full or the pass's
+    /// budget is spent. Returns how the pass ended and whether it used any chain.
+    pub(super) fn tx_pass(&mut self, ctx: &PassContext, scratch: &mut Scratch) -> (Pass, bool) {
+        if self.tx_blocked {
+            return (Pass::Done, false);
         }
-        let (Some(active), Some(slot)) = (self.active.as_mut(), self.pairs.get_mut(pair)) else {
-            return;
+        let Some(tx) = self.queues.as_mut().map(|q| &mut q.tx) else {
+            return (Pass::Done, false);
         };
-        if slot.tx_blocked {
-            return;
-        }
-        let mem = &active.mem;
-        let Some(tx) = active.pairs.get_mut(pair).map(|p| &mut p.tx) else {
-            return;
-        };
-        let index = tx_index(pair);
-        let counters = &self.counters;
+        let mem = ctx.mem;
+        let index = tx_index(self.number);
+        let counters = ctx.counters;
         let mut used_any = false;
         let mut budget = BUDGET;
         let pass = 'queue: loop {
@@ -52,7 +47,7 @@ impl<B: NetBackend> Net<B> {
                 };
                 budget -= 1;
                 let head = chain.head_index();
-                let mut iov = recycle(std::mem::take(&mut self.tx_iov));
+                let mut iov = recycle(std::mem::take(&mut scratch.tx_iov));
                 let mut hdr = [0u8; HDR_LEN];
                 let mut total = 0usize;
                 let mut parsed = descriptors(chain, |d| {
@@ -66,17 +61,17 @@ impl<B: NetBackend> Net<B> {
                     parsed = Err(Malformed::TooShort);
                 }
                 let result = match parsed {
-                    Ok(()) => Some(slot.backend.write_frame(&iov)),
+                    Ok(()) => Some(self.backend.write_frame(&iov)),
                     Err(why) => {
-                        report_malformed(&self.name, counters, why);
+                        report_malformed(ctx.name, counters, why);
                         None
                     }
                 };
-                self.tx_iov = recycle(iov);
+                scratch.tx_iov = recycle(iov);
                 match result {
                     Some(Ok(None)) => {
                         tx.go_to_previous_position();
-                        slot.tx_blocked = true;
+                        self.tx_blocked = true;
                         NetCounters::add(&counters.tx_eagain, 1);
                         break 'queue Pass::Done;
                     }
@@ -92,7 +87,7 @@ impl<B: NetBackend> Net<B> {
                     }
                     Some(Err(e)) => {
                         counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-                        warn_limited!("{}: the backend refused a frame: {e}", self.name);
+                        warn_limited!("{}: the backend refused a frame: {e}", ctx.name);
                     }
                     None => {}
                 }
@@ -107,6 +102,6 @@ impl<B: NetBackend> Net<B> {
                 Err(_) => break Pass::Failed(DriverError::Rings { queue: index }),
             }
         };
-        self.end_pass(index, pass, used_any);
+        (pass, used_any)
     }
 }

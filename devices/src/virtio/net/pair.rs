@@ -1,0 +1,163 @@
+//! One queue pair of the userspace data plane: a backend queue (one macvtap queue) and, once the
+//! driver started the device, the pair's RX and TX virtqueues with what RX keeps between passes.
+//! Everything a pass over one of its queues touches is here or in the [`PassContext`] the device
+//! lends it; the device (`device.rs`) keeps the control plane: features, configuration, activation,
+//! reset, the control queue, and what a pass's end means for the guest (interrupts, yields,
+//! stopping on a driver error).
+
+use tapir_net_backend::{NetBackend, RecvBuf, SendBuf};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::counters::NetCounters;
+use super::device::{rx_index, tx_index, Net, Pass};
+use super::rx::RxStash;
+use crate::virtio::queue::{needs_interrupt, usable};
+
+/// One queue pair.
+pub(super) struct QueuePair<B> {
+    /// Pair `number` serves queues `rx_index(number)` and `tx_index(number)`.
+    pub number: usize,
+    pub backend: B,
+    /// The backend may hold frames not read yet (its fd is edge-triggered).
+    pub rx_pending: bool,
+    /// The backend refused a frame with EAGAIN; TX waits for it to become writable.
+    pub tx_blocked: bool,
+    /// The virtqueues, while the driver runs the device.
+    pub queues: Option<PairQueues>,
+}
+
+/// A queue pair's virtqueues.
+pub(super) struct PairQueues {
+    pub rx: Queue,
+    pub tx: Queue,
+    /// RX chains taken from `rx` that no frame has used yet.
+    pub rx_stash: RxStash,
+    /// `rx`'s next used index when the device last decided whether to interrupt the guest.
+    pub rx_decided_at: u16,
+    /// Both queues are ready and inside guest memory; a pair the driver left unset is never
+    /// touched (not even its rings' flags, which would sit at guest address 0).
+    pub usable: bool,
+}
+
+/// What a pass over a pair's queue works with, lent by the device for that pass.
+pub(super) struct PassContext<'a> {
+    /// The device's name, for logs.
+    pub name: &'a str,
+    pub mem: &'a GuestMemoryMmap,
+    pub counters: &'a NetCounters,
+    /// The driver acked VIRTIO_NET_F_MRG_RXBUF: a frame may fill several RX chains.
+    pub mrg_rxbuf: bool,
+    /// The largest frame (with its header) the driver accepts.
+    pub rx_frame_max: usize,
+}
+
+/// Scratch space reused for every frame; one for all pairs, as one pass runs at a time.
+pub(super) struct Scratch {
+    pub rx_iov: Vec<RecvBuf<'static>>,
+    pub tx_iov: Vec<SendBuf<'static>>,
+    pub rx_hdr_bufs: Vec<(GuestAddress, u32)>,
+    pub rx_used: Vec<(u16, u32)>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self {
+            rx_iov: Vec::with_capacity(64),
+            tx_iov: Vec::with_capacity(64),
+            rx_hdr_bufs: Vec::with_capacity(4),
+            rx_used: Vec::with_capacity(64),
+        }
+    }
+}
+
+impl<B: NetBackend> QueuePair<B> {
+    pub fn new(number: usize, backend: B) -> Self {
+        Self {
+            number,
+            backend,
+            rx_pending: false,
+            tx_blocked: false,
+            queues: None,
+        }
+    }
+
+    /// The driver started the device with these queues: serve them (if both are set up), and
+    /// look at the backend, which may have frames already.
+    pub fn start(&mut self, rx: Queue, tx: Queue, mem: &GuestMemoryMmap) {
+        let usable = usable(&rx, mem) && usable(&tx, mem);
+        self.queues = Some(PairQueues {
+            rx,
+            tx,
+            rx_stash: RxStash::default(),
+            rx_decided_at: 0,
+            usable,
+        });
+        self.rx_pending = true;
+        self.tx_blocked = false;
+    }
+
+    /// The driver reset the device: the queues are gone.
+    pub fn stop(&mut self) {
+        self.queues = None;
+        self.tx_blocked = false;
+    }
+
+    /// Both queues are there to be served.
+    pub fn usable(&self) -> bool {
+        self.queues.as_ref().is_some_and(|q| q.usable)
+    }
+
+    /// Whether the driver wants an interrupt for what the pair's RX (`rx`) or TX queue used since
+    /// the last time this was asked; `Err` when its rings cannot be read.
+    pub fn wants_interrupt(&mut self, rx: bool, mem: &GuestMemoryMmap) -> Result<bool, ()> {
+        let Some(q) = self.queues.as_mut() else {
+            return Ok(false);
+        };
+        if rx {
+            // RX returns a frame's chains together (put_all), which needs_notification misses
+            let since = std::mem::replace(&mut q.rx_decided_at, q.rx.next_used());
+            needs_interrupt(&q.rx, mem, rx_index(self.number), since).map_err(|_| ())
+        } else {
+            q.tx.needs_notification(mem).map_err(|_| ())
+        }
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// One pass over pair `pair`'s RX queue: frames from its backend into the guest's buffers.
+    pub(super) fn process_rx(&mut self, pair: usize) {
+        if let Some((pass, used_any)) = self.pass(pair, QueuePair::rx_pass) {
+            self.end_pass(rx_index(pair), pass, used_any);
+        }
+    }
+
+    /// One pass over pair `pair`'s TX queue: the guest's frames to its backend.
+    pub(super) fn process_tx(&mut self, pair: usize) {
+        if let Some((pass, used_any)) = self.pass(pair, QueuePair::tx_pass) {
+            self.end_pass(tx_index(pair), pass, used_any);
+        }
+    }
+
+    /// Runs `pass` on pair `pair` when the device serves it: it runs, the driver broke no rule
+    /// and set the pair's queues up. Returns how the pass ended and whether it used any chain.
+    fn pass(
+        &mut self,
+        pair: usize,
+        pass: fn(&mut QueuePair<B>, &PassContext, &mut Scratch) -> (Pass, bool),
+    ) -> Option<(Pass, bool)> {
+        if self.broken.is_some() {
+            return None;
+        }
+        let active = self.active.as_ref()?;
+        let pair = self.pairs.get_mut(pair).filter(|p| p.usable())?;
+        let ctx = PassContext {
+            name: &self.name,
+            mem: &active.mem,
+            counters: &self.counters,
+            mrg_rxbuf: active.mrg_rxbuf,
+            rx_frame_max: active.rx_frame_max,
+        };
+        Some(pass(pair, &ctx, &mut self.scratch))
+    }
+}

@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 pub use iov::{RecvBuf, SendBuf};
 pub use mac::MacAddr;
 pub use netlink::MacvtapMode;
-pub use nic::{Nic, NicError, NicSpec, OpenOptions};
+pub use nic::{Nic, NicError, NicSpec, OpenOptions, VhostMode};
 pub use tap::TapQueue;
 pub use vnet::{VnetHdr, VNET_HDR_LEN};
 

@@ -80,12 +80,34 @@ impl std::fmt::Display for HostAddr {
     }
 }
 
-/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE][,host=ADDR/PREFIX]`.
+/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE][,host=ADDR/PREFIX][,vhost=on|off]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NicSpec {
     pub kind: NicKind,
     pub mac: Option<MacAddr>,
     pub queues: usize,
+    pub vhost: VhostMode,
+}
+
+/// Which data plane serves a NIC's queues: Tapir's own (`off`, the default) or the host kernel's
+/// vhost-net (`on`), one `/dev/vhost-net` instance per queue pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VhostMode {
+    #[default]
+    Off,
+    On,
+}
+
+impl FromStr for VhostMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("vhost={s}: give on or off")),
+        }
+    }
 }
 
 /// The spec as it would be written on the command line.
@@ -107,6 +129,9 @@ impl std::fmt::Display for NicSpec {
         }
         if self.queues != 1 {
             write!(f, ",queues={}", self.queues)?;
+        }
+        if self.vhost == VhostMode::On {
+            write!(f, ",vhost=on")?;
         }
         Ok(())
     }
@@ -212,6 +237,7 @@ impl FromStr for NicSpec {
         let mut queues = 1;
         let mut mode = None;
         let mut host = None;
+        let mut vhost = VhostMode::Off;
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -234,9 +260,10 @@ impl FromStr for NicSpec {
                 }
                 "mode" => mode = Some(v.parse::<MacvtapMode>().map_err(bad)?),
                 "host" => host = Some(v.parse::<HostAddr>().map_err(bad)?),
+                "vhost" => vhost = v.parse::<VhostMode>().map_err(bad)?,
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (mac=, queues=, mode=, host=)"
+                        "unknown option {k:?} (mac=, queues=, mode=, host=, vhost=)"
                     )))
                 }
             }
@@ -294,7 +321,12 @@ impl FromStr for NicSpec {
                 "fd= hands over one queue but queues={queues} was asked"
             )));
         }
-        Ok(NicSpec { kind, mac, queues })
+        Ok(NicSpec {
+            kind,
+            mac,
+            queues,
+            vhost,
+        })
     }
 }
 
@@ -946,6 +978,7 @@ mod tests {
             "link=eth1,mode=vepa,mac=52:54:00:00:00:01",
             "tap=tap0,queues=2",
             "fd=3",
+            "link=eth1,mode=bridge,queues=2,vhost=on",
         ] {
             let spec: NicSpec = text.parse().unwrap();
             assert_eq!(spec.to_string().parse::<NicSpec>().unwrap(), spec, "{text}");
@@ -1031,8 +1064,17 @@ mod tests {
             ("fd=3,mac=52:54:00:00:00:01", NicKind::Fd(3), Some(mac), 1),
         ];
         for (text, kind, mac, queues) in cases {
-            assert_eq!(ok(text), NicSpec { kind, mac, queues }, "{text}");
+            let vhost = VhostMode::Off;
+            let want = NicSpec {
+                kind,
+                mac,
+                queues,
+                vhost,
+            };
+            assert_eq!(ok(text), want, "{text}");
         }
+        assert_eq!(ok("fd=3,vhost=on").vhost, VhostMode::On);
+        assert_eq!(ok("tap=tap0,vhost=off,queues=2").vhost, VhostMode::Off);
     }
 
     #[test]
@@ -1047,6 +1089,7 @@ mod tests {
             ("macvtap=mvt0,mode=bridge", "mode= only goes with link="),
             ("link=eth1,mode=source", "unknown macvtap mode"),
             ("macvtap=mvt0,speed=10", "unknown option"),
+            ("macvtap=mvt0,vhost=yes", "vhost=yes: give on or off"),
             ("macvtap=mvt0,mac", "not KEY=VALUE"),
             ("macvtap=averyveryverylongname", "longer than 15"),
             ("fd=-1", "descriptor number of 3 or more"),

@@ -20,9 +20,9 @@ use vmm_sys_util::eventfd::EventFd;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use tapir_devices::virtio::mmio::MMIO_WINDOW;
-use tapir_devices::virtio::net::Net;
+use tapir_devices::virtio::net::{Net, VhostError, VhostPair};
 use tapir_devices::virtio::{Interrupt, MmioTransport};
-use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
+use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions, VhostMode};
 
 use crate::console::{Console, GuestOutput};
 use crate::exit::{ExitLatch, ExitReason};
@@ -116,6 +116,12 @@ pub enum BuildError {
         spec: String,
         #[source]
         source: NicError,
+    },
+    #[error("NIC {spec}: vhost=on needs the host kernel's vhost-net (modprobe vhost_net; /dev/vhost-net readable and writable), or use vhost=off")]
+    Vhost {
+        spec: String,
+        #[source]
+        source: VhostError,
     },
     #[error("setting up the sandbox")]
     Seccomp(#[from] SeccompError),
@@ -514,17 +520,37 @@ impl VmBuilder {
         let mut mmio = Bus::new();
         let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
         let mut net_infos = Vec::new();
-        for (i, (nic, (base, irq))) in nics.iter_mut().zip(&slots).enumerate() {
+        for (i, ((nic, spec), (base, irq))) in
+            nics.iter_mut().zip(&self.nets).zip(&slots).enumerate()
+        {
             let name = format!("eth{i} ({})", nic.iface());
             let mtu = nic.mtu().and_then(|m| u16::try_from(m).ok());
-            let net = Net::new(
+            let queues = nic.take_queues();
+            let vhost = match spec.vhost {
+                VhostMode::Off => Vec::new(),
+                VhostMode::On => queues
+                    .iter()
+                    .map(|_| VhostPair::open(&memory))
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| BuildError::Vhost {
+                        spec: spec.to_string(),
+                        source,
+                    })?,
+            };
+            let mut net = Net::new(
                 name.clone(),
-                nic.take_queues(),
+                queues,
                 nic.mac().0,
                 mtu,
                 nic.supported_offloads(),
             )
             .map_err(Self::io(format!("creating the virtio-net device {name}")))?;
+            if spec.vhost == VhostMode::On {
+                net = net
+                    .with_vhost(vhost)
+                    .map_err(Self::io(format!("putting {name} on vhost-net")))?;
+                log::info!("{name}: served by the kernel's vhost-net");
+            }
             let notifiers = net
                 .queue_evts()
                 .map_err(Self::io("cloning queue eventfds"))?;

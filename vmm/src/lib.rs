@@ -47,7 +47,7 @@ pub use console::Console;
 pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
 pub use seccomp::{Seccomp, SeccompError};
-pub use tapir_net_backend::NicSpec;
+pub use tapir_net_backend::{NicSpec, VhostMode};
 pub use vm::{DumpHandle, NetInfo, RunError, StopHandle, Vm, QUEUE_STATE_TARGET};
 
 /// The loader's entry points, for the fuzz targets.

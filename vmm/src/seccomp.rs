@@ -19,6 +19,11 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+use vhost::vhost_kern::vhost_binding::{
+    VHOST_GET_VRING_BASE, VHOST_NET_SET_BACKEND, VHOST_SET_FEATURES, VHOST_SET_MEM_TABLE,
+    VHOST_SET_VRING_ADDR, VHOST_SET_VRING_BASE, VHOST_SET_VRING_CALL, VHOST_SET_VRING_KICK,
+    VHOST_SET_VRING_NUM,
+};
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// Which threads run sandboxed.
@@ -169,6 +174,16 @@ fn ioctls(kind: Kind) -> Vec<u64> {
             KVM_GET_VCPU_EVENTS(),
             TUNSETOFFLOAD(),
             TUNSETQUEUE(),
+            // vhost=on: the rings handed to the kernel's vhost-net on activation, stopped on reset
+            VHOST_SET_FEATURES(),
+            VHOST_SET_MEM_TABLE(),
+            VHOST_SET_VRING_NUM(),
+            VHOST_SET_VRING_ADDR(),
+            VHOST_SET_VRING_BASE(),
+            VHOST_GET_VRING_BASE(),
+            VHOST_SET_VRING_CALL(),
+            VHOST_SET_VRING_KICK(),
+            VHOST_NET_SET_BACKEND(),
         ],
         Kind::Devices => vec![TUNSETOFFLOAD(), TUNSETQUEUE()],
         // TCSETS restores the terminal; KVM_GET_IRQCHIP reads the IOAPIC for a queue-state dump

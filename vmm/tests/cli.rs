@@ -238,3 +238,36 @@ done
         "at least one run was stopped through its clean-up: {stdout}"
     );
 }
+
+#[test]
+#[ignore = "needs root (a network namespace, veth, macvtap) and the guest image: run by scripts/test"]
+fn vhost_on_without_vhost_net_is_named_and_leaves_no_macvtap() {
+    // Where the host has /dev/vhost-net, /dev/null is bound over it in a mount namespace of the
+    // test's own: opening works, VHOST_SET_OWNER is refused; where it has none, opening fails.
+    let kernel = guest_file("bzImage");
+    let script = format!(
+        r#"
+ns=tapir-novhost-$$
+ip netns add $ns || exit 99
+trap 'ip netns del $ns' EXIT
+ip -n $ns link add lower0 type veth peer name peer0
+ip -n $ns link set lower0 up
+unshare -m sh -c '[ ! -e /dev/vhost-net ] || mount --bind /dev/null /dev/vhost-net
+    exec ip netns exec '$ns' "$TAPIR" run --kernel {} --console none --net link=lower0,vhost=on'
+echo "status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
+"#,
+        kernel.display()
+    );
+    let out = tapir_sh(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("status=1 macvtaps=0"), "{stdout}\n{stderr}");
+    for wanted in [
+        "NIC link=lower0,mode=bridge,vhost=on: vhost=on needs the host kernel's vhost-net",
+        "or use vhost=off",
+        "vhost-net: ",
+    ] {
+        assert!(stderr.contains(wanted), "lacks {wanted:?}: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

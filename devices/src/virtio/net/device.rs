@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tapir_net_backend::{offload, NetBackend};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
@@ -20,6 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::pair::{QueuePair, Scratch};
+use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
 };
@@ -170,6 +172,37 @@ impl<B: NetBackend> Net<B> {
         })
     }
 
+    /// Has the kernel's vhost-net serve the queue pairs, one instance per pair in pair order. The
+    /// guest is then offered the ring and RX features only where vhost-net offers them; a
+    /// vhost-net without VIRTIO_F_VERSION_1 cannot serve a virtio-mmio version 2 device.
+    pub fn with_vhost(mut self, vhost: Vec<VhostPair>) -> std::io::Result<Self> {
+        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+        if vhost.len() != self.pairs.len() {
+            return Err(invalid(format!(
+                "{} vhost-net instances for {} queue pairs",
+                vhost.len(),
+                self.pairs.len()
+            )));
+        }
+        for (pair, v) in self.pairs.iter_mut().zip(vhost) {
+            let lacking = VHOST_DATA_FEATURES & !v.offered_features();
+            if lacking & (1 << VIRTIO_F_VERSION_1) != 0 {
+                return Err(invalid(format!(
+                    "this kernel's vhost-net lacks VIRTIO_F_VERSION_1 (offers {:#x})",
+                    v.offered_features()
+                )));
+            }
+            self.avail_features &= !lacking;
+            pair.vhost = Some(v);
+        }
+        Ok(self)
+    }
+
+    /// Whether the kernel's vhost-net serves the queue pairs.
+    pub fn on_vhost(&self) -> bool {
+        self.pairs.iter().any(|p| p.vhost.is_some())
+    }
+
     /// Clones of the queues' notification eventfds, in queue order, to register as ioeventfds.
     pub fn queue_evts(&self) -> std::io::Result<Vec<EventFd>> {
         self.queue_evts.iter().map(EventFd::try_clone).collect()
@@ -234,6 +267,18 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             Err(_) => self.fail(DriverError::Rings { queue: index }),
+        }
+    }
+
+    /// vhost-net used chains of a ring and the driver wants to hear of it: raise the interrupt
+    /// as the userspace plane would (VRING in InterruptStatus, then the irqfd).
+    pub(super) fn relay_interrupt(&mut self) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        NetCounters::add(&self.counters.interrupts, 1);
+        if let Err(e) = active.interrupt.signal_used() {
+            error_limited!("{}: raising the interrupt: {e}", self.name);
         }
     }
 
@@ -406,7 +451,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         let mut queues = queues.into_iter();
         for pair in &mut self.pairs {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
-                pair.start(rx, tx, &mem);
+                let p = pair.number;
+                let kick = [&self.queue_evts[rx_index(p)], &self.queue_evts[tx_index(p)]];
+                if let Err(e) = pair.start(rx, tx, &mem, self.acked_features, kick) {
+                    for pair in &mut self.pairs {
+                        pair.stop();
+                    }
+                    return Err(ActivateError::Backend(format!("queue pair {p}: {e}")));
+                }
             }
         }
         self.broken = None;

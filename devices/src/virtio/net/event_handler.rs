@@ -2,7 +2,9 @@
 //! the queue notifications and each backend's fd (edge-triggered, read to EAGAIN) only while the
 //! driver runs the device. Each registration carries a token: the queue index for a queue, or
 //! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget;
-//! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged.
+//! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged. A pair the
+//! kernel serves (vhost-net) has neither its queues' eventfds nor its backend registered (the
+//! kernel watches both) but its call eventfds, CALL + queue index, whose interrupts are relayed.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -17,20 +19,31 @@ const STATE: u32 = u32::MAX;
 const YIELD: u32 = u32::MAX - 1;
 const WATCHDOG: u32 = u32::MAX - 2;
 const BACKEND: u32 = 1 << 16;
+const CALL: u32 = 1 << 17;
 
 impl<B: NetBackend> Net<B> {
     fn runtime_events(&self) -> Vec<Events> {
+        // (the control queue's index is past the pairs')
+        let in_kernel = |index: usize| self.pairs.get(index / 2).is_some_and(|p| p.vhost.is_some());
         let mut events: Vec<Events> = (0u32..)
             .zip(&self.queue_evts)
+            .filter(|(i, _)| !in_kernel(*i as usize))
             .map(|(i, evt)| Events::with_data(evt, i, EventSet::IN))
             .collect();
-        events.extend((0u32..).zip(&self.pairs).map(|(p, pair)| {
-            Events::with_data(
-                &pair.backend,
-                BACKEND + p,
-                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-            )
-        }));
+        for (p, pair) in (0u32..).zip(&self.pairs) {
+            match &pair.vhost {
+                None => events.push(Events::with_data(
+                    &pair.backend,
+                    BACKEND + p,
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                )),
+                Some(vhost) => {
+                    events.extend((0u32..).zip(vhost.call_evts()).map(|(ring, evt)| {
+                        Events::with_data(evt, CALL + 2 * p + ring, EventSet::IN)
+                    }));
+                }
+            }
+        }
         events
     }
 
@@ -85,6 +98,12 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         } else if token == WATCHDOG {
             let _ = self.watchdog.wait();
             self.check_interrupt(std::time::Instant::now());
+        } else if token >= CALL {
+            let index = (token - CALL) as usize;
+            if let Some(vhost) = self.pairs.get(index / 2).and_then(|p| p.vhost.as_ref()) {
+                let _ = vhost.call_evts()[index % 2].read();
+                self.relay_interrupt();
+            }
         } else if token >= BACKEND {
             let p = (token - BACKEND) as usize;
             let set = events.event_set();

@@ -3,6 +3,7 @@
 //!
 //! - `device.rs`: the control plane: features, configuration space, activation and reset;
 //! - `pair.rs`: the data plane, one object per queue pair (its backend queue and virtqueues);
+//! - `vhost.rs`: the other data plane, the kernel's vhost-net serving a pair's rings;
 //! - `rx.rs` / `tx.rs`: a pair's passes, `readv`/`writev` straight between the backend and guest
 //!   buffers;
 //! - `event_handler.rs`: the event-loop side (queue notifications, the backend's fd);
@@ -19,6 +20,7 @@ mod pair;
 mod rx;
 mod state;
 mod tx;
+mod vhost;
 
 #[cfg(test)]
 mod device_tests;
@@ -34,6 +36,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub use counters::{NetCounters, NetStats};
 pub use device::{rx_index, tx_index, Net};
 pub use state::{NetState, QueueState};
+pub use vhost::{VhostError, VhostPair, VHOST_DATA_FEATURES};
 
 /// Most entries of every queue (the driver may choose fewer). 1024, as QEMU's virtio-mmio offers:
 /// Linux fills the whole RX ring, and with 256 entries a TCP stream's GSO frames found it empty

@@ -1,17 +1,22 @@
-//! One queue pair of the userspace data plane: a backend queue (one macvtap queue) and, once the
-//! driver started the device, the pair's RX and TX virtqueues with what RX keeps between passes.
-//! Everything a pass over one of its queues touches is here or in the [`PassContext`] the device
-//! lends it; the device (`device.rs`) keeps the control plane: features, configuration, activation,
-//! reset, the control queue, and what a pass's end means for the guest (interrupts, yields,
-//! stopping on a driver error).
+//! One queue pair: a backend queue (one macvtap queue) and, once the driver started the device, the
+//! pair's RX and TX virtqueues, served by one of two data planes: Tapir's own (the passes in
+//! `rx.rs` and `tx.rs`, with what RX keeps between passes), or the host kernel's vhost-net
+//! (`vhost.rs`), which then owns the rings until they stop. Everything a pass over one of its
+//! queues touches is here or in the [`PassContext`] the device lends it; the device (`device.rs`)
+//! keeps the control plane: features, configuration, activation, reset, the control queue, and
+//! what a pass's end means for the guest (interrupts, yields, stopping on a driver error).
+
+use std::os::fd::BorrowedFd;
 
 use tapir_net_backend::{NetBackend, RecvBuf, SendBuf};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::NetCounters;
 use super::device::{rx_index, tx_index, Net, Pass};
 use super::rx::RxStash;
+use super::vhost::{VhostError, VhostPair};
 use crate::virtio::queue::{needs_interrupt, usable};
 
 /// One queue pair.
@@ -25,6 +30,8 @@ pub(super) struct QueuePair<B> {
     pub tx_blocked: bool,
     /// The virtqueues, while the driver runs the device.
     pub queues: Option<PairQueues>,
+    /// The kernel's data plane, when it serves this pair.
+    pub vhost: Option<VhostPair>,
 }
 
 /// A queue pair's virtqueues.
@@ -79,13 +86,29 @@ impl<B: NetBackend> QueuePair<B> {
             rx_pending: false,
             tx_blocked: false,
             queues: None,
+            vhost: None,
         }
     }
 
-    /// The driver started the device with these queues: serve them (if both are set up), and
-    /// look at the backend, which may have frames already.
-    pub fn start(&mut self, rx: Queue, tx: Queue, mem: &GuestMemoryMmap) {
+    /// The driver started the device with these queues and acked `acked`: serve them (if both
+    /// are set up), here or, on vhost, by handing them to the kernel with `kick` (the queues'
+    /// notification eventfds, RX then TX) as its kick eventfds. The userspace plane looks at
+    /// the backend first, which may have frames already.
+    pub fn start(
+        &mut self,
+        rx: Queue,
+        tx: Queue,
+        mem: &GuestMemoryMmap,
+        acked: u64,
+        kick: [&EventFd; 2],
+    ) -> Result<(), VhostError> {
         let usable = usable(&rx, mem) && usable(&tx, mem);
+        if let (Some(vhost), true) = (self.vhost.as_mut(), usable) {
+            // SAFETY: the backend's fd stays open while `self` (which owns the backend) lives,
+            // and the borrow ends with this call.
+            let backend = unsafe { BorrowedFd::borrow_raw(self.backend.as_raw_fd()) };
+            vhost.start(acked, mem, [&rx, &tx], kick, backend)?;
+        }
         self.queues = Some(PairQueues {
             rx,
             tx,
@@ -95,10 +118,14 @@ impl<B: NetBackend> QueuePair<B> {
         });
         self.rx_pending = true;
         self.tx_blocked = false;
+        Ok(())
     }
 
-    /// The driver reset the device: the queues are gone.
+    /// The driver reset the device: the queues are gone (and the kernel's rings stopped).
     pub fn stop(&mut self) {
+        if let Some(vhost) = self.vhost.as_mut() {
+            vhost.stop();
+        }
         self.queues = None;
         self.tx_blocked = false;
     }
@@ -106,6 +133,11 @@ impl<B: NetBackend> QueuePair<B> {
     /// Both queues are there to be served.
     pub fn usable(&self) -> bool {
         self.queues.as_ref().is_some_and(|q| q.usable)
+    }
+
+    /// Tapir's own passes serve the queues (not the kernel).
+    pub fn served_here(&self) -> bool {
+        self.vhost.is_none() && self.usable()
     }
 
     /// Whether the driver wants an interrupt for what the pair's RX (`rx`) or TX queue used since
@@ -150,7 +182,7 @@ impl<B: NetBackend> Net<B> {
             return None;
         }
         let active = self.active.as_ref()?;
-        let pair = self.pairs.get_mut(pair).filter(|p| p.usable())?;
+        let pair = self.pairs.get_mut(pair).filter(|p| p.served_here())?;
         let ctx = PassContext {
             name: &self.name,
             mem: &active.mem,

@@ -34,6 +34,8 @@ pub struct QueueState {
     /// RX: chains and buffers held in the stash.
     pub stashed_chains: usize,
     pub stashed_buffers: usize,
+    /// The kernel's vhost-net serves the queue: the device's own indexes stay where they started.
+    pub in_kernel: bool,
 }
 
 /// The whole device's state.
@@ -77,6 +79,7 @@ fn queue_state(index: usize, q: &Queue, usable: bool, mem: &GuestMemoryMmap) -> 
         no_notify: ring(used, 0).map(|flags| flags & 1 != 0),
         stashed_chains: 0,
         stashed_buffers: 0,
+        in_kernel: false,
     }
 }
 
@@ -94,13 +97,11 @@ impl<B: NetBackend> Net<B> {
                 let mut rx = queue_state(rx_index(pair.number), &q.rx, q.usable, &active.mem);
                 rx.stashed_chains = q.rx_stash.chains();
                 rx.stashed_buffers = q.rx_stash.buffers();
+                let mut tx = queue_state(tx_index(pair.number), &q.tx, q.usable, &active.mem);
+                rx.in_kernel = pair.vhost.as_ref().is_some_and(|v| v.running());
+                tx.in_kernel = rx.in_kernel;
                 queues.push(rx);
-                queues.push(queue_state(
-                    tx_index(pair.number),
-                    &q.tx,
-                    q.usable,
-                    &active.mem,
-                ));
+                queues.push(tx);
             }
             if let (Some(ctrl), Some(index)) = (&active.ctrl, self.ctrl_index()) {
                 queues.push(queue_state(index, ctrl, true, &active.mem));
@@ -146,7 +147,11 @@ impl fmt::Display for NetState {
                 "  queue {}: size {}{}, device avail {} used {}, guest avail idx {} used idx {}",
                 q.index,
                 q.size,
-                if q.usable { "" } else { " (not set up)" },
+                match (q.usable, q.in_kernel) {
+                    (false, _) => " (not set up)",
+                    (true, true) => " (served by vhost-net)",
+                    (true, false) => "",
+                },
                 q.next_avail,
                 q.next_used,
                 opt(q.avail_idx),

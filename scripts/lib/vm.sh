@@ -11,8 +11,8 @@
 #   for a tap on a Linux bridge, when fd 3 is /dev/null for QEMU too), and vmm_start_trace and
 #   vmm_start_marker: a tracefs instance directory whose trace_marker gets vmm_start_marker written
 #   just before the VMM starts
-# VMMs: tapir (--net fd=3), qemu (microvm, virtio-net-device, vhost=off), qemu-vhost (vhost=on); each gets
-# the macvtap as fd 3 opened on the same /dev/tapN.
+# VMMs: tapir (--net fd=3), tapir-vhost (--net fd=3,vhost=on), qemu (microvm, virtio-net-device,
+# vhost=off), qemu-vhost (vhost=on); each gets the macvtap as fd 3 opened on the same /dev/tapN.
 
 qemu_extra=()
 tapir_net=fd=3
@@ -45,8 +45,8 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 check_vmm() {
     case "$1" in
         tapir|tapir-acpi-off|tapir-4k|qemu) ;;
-        qemu-vhost) [ -c /dev/vhost-net ] || die "qemu-vhost needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
+        qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
     esac
 }
 
@@ -111,13 +111,14 @@ start_vmm() {
     [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir|tapir-acpi-off|tapir-4k)
-            local fd3=$TAP_DEV acpi=on huge=on
+        tapir|tapir-vhost|tapir-acpi-off|tapir-4k)
+            local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = tapir-acpi-off ] && acpi=off
             [ "$vmm" = tapir-4k ] && huge=off
+            [ "$vmm" = tapir-vhost ] && net+=,vhost=on
             ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
-                --cpus "$cpus" --memory "$mem_mib" --net "$tapir_net" --boot-timer --stats --console "file=$work/console.log" \
+                --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)
             local vhost=off fd3=$TAP_DEV

@@ -151,6 +151,36 @@ fn report_gives_medians_ranges_ratios_and_plots() {
 }
 
 #[test]
+#[ignore = "needs /usr/bin/python3 with matplotlib (scripts/test installs python3-matplotlib)"]
+fn four_vmms_get_the_ratios_of_like_set_ups() {
+    // Tapir 2, Tapir vhost=on 3, QEMU vhost=off 4, QEMU vhost=on 8 in every round: Tapir against
+    // both QEMUs, Tapir vhost=on against QEMU vhost=on only.
+    let mut raw = String::from("BENCH-INFO vmms tapir tapir-vhost qemu qemu-vhost\n");
+    for round in 1..=2 {
+        for (vmm, value) in [
+            ("tapir", 2),
+            ("tapir-vhost", 3),
+            ("qemu", 4),
+            ("qemu-vhost", 8),
+        ] {
+            for figure in FIGURES {
+                raw += &format!("BENCH {vmm} {round} {figure} {value}\n");
+            }
+        }
+    }
+    let dir = scratch_dir("bench-report-four");
+    fs::write(dir.join("raw.txt"), raw).unwrap();
+    let run = report(&dir.join("raw.txt"), &dir.join("out"));
+    assert_eq!(run.status, Some(0), "{run}");
+    run.assert_stdout_has(
+        "| Tapir / QEMU vhost=off | Tapir / QEMU vhost=on | Tapir vhost=on / QEMU vhost=on |",
+    );
+    run.assert_stdout_has(
+        "| TCP guest→peer, Mbit/s (higher is better) | 2 (2-2) | 3 (3-3) | 4 (4-4) | 8 (8-8) | 0.50 | 0.25 | 0.38 |",
+    );
+}
+
+#[test]
 #[ignore = "needs /usr/bin/python3 (scripts/test installs it)"]
 fn report_refuses_a_run_that_lacks_a_figure() {
     let dir = scratch_dir("bench-report-missing");

@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
 use tapir_devices::virtio::mmio::MMIO_WINDOW;
-use tapir_devices::virtio::net::{Net, VhostError, VhostPair};
+use tapir_devices::virtio::net::{Net, VhostError, VhostIrq, VhostPair};
 use tapir_devices::virtio::{Interrupt, MmioTransport};
 use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions, VhostMode};
 
@@ -546,10 +546,16 @@ impl VmBuilder {
             )
             .map_err(Self::io(format!("creating the virtio-net device {name}")))?;
             if spec.vhost == VhostMode::On {
+                // (the interrupt path is chosen by TAPIR_VHOST_IRQ=relay|direct while both are
+                // measured; relay by default)
+                let irq = match std::env::var("TAPIR_VHOST_IRQ").as_deref() {
+                    Ok("direct") => VhostIrq::Direct,
+                    _ => VhostIrq::Relay,
+                };
                 net = net
-                    .with_vhost(vhost)
+                    .with_vhost(vhost, irq)
                     .map_err(Self::io(format!("putting {name} on vhost-net")))?;
-                log::info!("{name}: served by the kernel's vhost-net");
+                log::info!("{name}: served by the kernel's vhost-net (interrupts: {irq:?})");
             }
             let notifiers = net
                 .queue_evts()

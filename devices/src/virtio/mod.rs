@@ -36,6 +36,9 @@ pub struct Interrupt {
     epoch: Instant,
     pending_since_ms: AtomicU64,
     resent: AtomicU64,
+    /// Something outside the device (vhost-net, given the irqfd itself) raises used-buffer
+    /// interrupts: InterruptStatus always shows VRING, as the device cannot know when.
+    vring_from_outside: AtomicBool,
 }
 
 impl std::fmt::Debug for Interrupt {
@@ -58,6 +61,7 @@ impl Interrupt {
             epoch: Instant::now(),
             pending_since_ms: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            vring_from_outside: AtomicBool::new(false),
         }
     }
 
@@ -81,7 +85,7 @@ impl Interrupt {
     /// InterruptStatus bits stay set until the handler acknowledges them, so raising the line
     /// again costs the guest at most one spurious interrupt.
     pub fn resend_if_overdue(&self, now: Instant, after: Duration) -> std::io::Result<bool> {
-        if self.status() == 0 {
+        if self.pending() == 0 {
             return Ok(false);
         }
         let now_ms = self.ms_since_epoch(now);
@@ -111,8 +115,31 @@ impl Interrupt {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
 
+    /// InterruptStatus as the driver reads it.
     pub fn status(&self) -> u32 {
+        let outside = if self.vring_from_outside.load(Ordering::SeqCst) {
+            VIRTIO_MMIO_INT_VRING
+        } else {
+            0
+        };
+        self.pending() | outside
+    }
+
+    /// The bits the device itself raised and the driver has not acknowledged.
+    fn pending(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// The irqfd, for something outside the device to raise used-buffer interrupts with (see
+    /// [`Interrupt::set_vring_from_outside`]).
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Whether something outside the device raises used-buffer interrupts on the irqfd; until the
+    /// transport resets the device.
+    pub fn set_vring_from_outside(&self, on: bool) {
+        self.vring_from_outside.store(on, Ordering::SeqCst);
     }
 
     pub fn ack(&self, bits: u32) {
@@ -136,6 +163,7 @@ impl Interrupt {
     /// Clears the interrupt state on a device reset.
     pub fn reset(&self) {
         self.needs_reset.store(false, Ordering::SeqCst);
+        self.vring_from_outside.store(false, Ordering::SeqCst);
         self.status.store(0, Ordering::SeqCst);
     }
 
@@ -221,6 +249,30 @@ mod tests {
         assert!(!irq.resend_if_overdue(much_later, OVERDUE).unwrap());
         assert!(line.read().is_err(), "no edge");
         assert_eq!(irq.resent(), 0);
+    }
+
+    #[test]
+    fn interrupts_raised_from_outside_show_vring_and_are_never_resent() {
+        let (irq, line) = interrupt();
+        irq.set_vring_from_outside(true);
+        assert_eq!(
+            irq.status(),
+            VIRTIO_MMIO_INT_VRING,
+            "the driver always finds VRING"
+        );
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(
+            irq.status(),
+            VIRTIO_MMIO_INT_VRING,
+            "an ack cannot clear it"
+        );
+        let much_later = Instant::now() + 10 * OVERDUE;
+        assert!(!irq.resend_if_overdue(much_later, OVERDUE).unwrap());
+        assert!(line.read().is_err(), "the watchdog raised nothing");
+        irq.signal_config().unwrap();
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        irq.reset();
+        assert_eq!(irq.status(), 0, "a device reset ends it");
     }
 
     #[test]

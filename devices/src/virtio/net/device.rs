@@ -21,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::pair::{QueuePair, Scratch};
-use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
+use super::vhost::{VhostIrq, VhostPair, VHOST_DATA_FEATURES};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
 };
@@ -99,6 +99,8 @@ pub struct Net<B: NetBackend> {
     /// [`INTERRUPT_OVERDUE`] is raised again.
     pub(super) watchdog: TimerFd,
     pub(super) scratch: Scratch,
+    /// How vhost-net's interrupts reach the guest (with vhost).
+    pub(super) vhost_irq: VhostIrq,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -169,13 +171,15 @@ impl<B: NetBackend> Net<B> {
                 t
             },
             scratch: Scratch::default(),
+            vhost_irq: VhostIrq::Relay,
         })
     }
 
     /// Has the kernel's vhost-net serve the queue pairs, one instance per pair in pair order. The
     /// guest is then offered the ring and RX features only where vhost-net offers them; a
     /// vhost-net without VIRTIO_F_VERSION_1 cannot serve a virtio-mmio version 2 device.
-    pub fn with_vhost(mut self, vhost: Vec<VhostPair>) -> std::io::Result<Self> {
+    pub fn with_vhost(mut self, vhost: Vec<VhostPair>, irq: VhostIrq) -> std::io::Result<Self> {
+        self.vhost_irq = irq;
         let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
         if vhost.len() != self.pairs.len() {
             return Err(invalid(format!(
@@ -448,12 +452,15 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             self.name,
             self.acked_features
         );
+        let direct = self.on_vhost() && self.vhost_irq == VhostIrq::Direct;
+        interrupt.set_vring_from_outside(direct);
+        let call = direct.then(|| interrupt.irqfd());
         let mut queues = queues.into_iter();
         for pair in &mut self.pairs {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
                 let p = pair.number;
                 let kick = [&self.queue_evts[rx_index(p)], &self.queue_evts[tx_index(p)]];
-                if let Err(e) = pair.start(rx, tx, &mem, self.acked_features, kick) {
+                if let Err(e) = pair.start(rx, tx, &mem, self.acked_features, kick, call) {
                     for pair in &mut self.pairs {
                         pair.stop();
                     }

@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::counters::NetCounters;
 use super::device::Net;
+use super::vhost::VhostIrq;
 
 use crate::error_limited;
 
@@ -37,11 +38,12 @@ impl<B: NetBackend> Net<B> {
                     BACKEND + p,
                     EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 )),
-                Some(vhost) => {
+                Some(vhost) if self.vhost_irq == VhostIrq::Relay => {
                     events.extend((0u32..).zip(vhost.call_evts()).map(|(ring, evt)| {
                         Events::with_data(evt, CALL + 2 * p + ring, EventSet::IN)
                     }));
                 }
+                Some(_) => {}
             }
         }
         events

@@ -92,7 +92,8 @@ impl<B: NetBackend> QueuePair<B> {
 
     /// The driver started the device with these queues and acked `acked`: serve them (if both
     /// are set up), here or, on vhost, by handing them to the kernel with `kick` (the queues'
-    /// notification eventfds, RX then TX) as its kick eventfds. The userspace plane looks at
+    /// notification eventfds, RX then TX) as its kick eventfds and `call` as its call eventfd
+    /// (None: the vhost pair's own, relayed). The userspace plane looks at
     /// the backend first, which may have frames already.
     pub fn start(
         &mut self,
@@ -101,13 +102,14 @@ impl<B: NetBackend> QueuePair<B> {
         mem: &GuestMemoryMmap,
         acked: u64,
         kick: [&EventFd; 2],
+        call: Option<&EventFd>,
     ) -> Result<(), VhostError> {
         let usable = usable(&rx, mem) && usable(&tx, mem);
         if let (Some(vhost), true) = (self.vhost.as_mut(), usable) {
             // SAFETY: the backend's fd stays open while `self` (which owns the backend) lives,
             // and the borrow ends with this call.
             let backend = unsafe { BorrowedFd::borrow_raw(self.backend.as_raw_fd()) };
-            vhost.start(acked, mem, [&rx, &tx], kick, backend)?;
+            vhost.start(acked, mem, [&rx, &tx], kick, call, backend)?;
         }
         self.queues = Some(PairQueues {
             rx,

@@ -15,9 +15,11 @@
 //! the instance stops them (no ioctl then: the exiting thread's seccomp list has none of vhost's).
 //!
 //! Interrupts: vhost signals a ring's call eventfd when the driver wants an interrupt (it honours
-//! EVENT_IDX itself); the device's event loop relays it: it sets VRING in InterruptStatus and
-//! raises the irqfd, so the guest's handler finds why it was interrupted, and the interrupt
-//! watchdog covers these interrupts as it covers the userspace plane's.
+//! EVENT_IDX itself). Two ways on to the guest ([`VhostIrq`]): `Relay`, the device's event loop
+//! reads the call eventfd, sets VRING in InterruptStatus and raises the irqfd, so the guest's
+//! handler finds why it was interrupted and the interrupt watchdog covers these interrupts as it
+//! covers the userspace plane's; `Direct`, the call eventfd is the irqfd itself (KVM injects with
+//! no Tapir thread woken) and InterruptStatus always shows VRING.
 
 use std::fs::File;
 use std::os::fd::BorrowedFd;
@@ -40,6 +42,16 @@ pub const VHOST_DATA_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
     | 1 << VIRTIO_RING_F_EVENT_IDX
     | 1 << VIRTIO_RING_F_INDIRECT_DESC
     | 1 << VIRTIO_NET_F_MRG_RXBUF;
+
+/// How vhost-net's interrupts reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VhostIrq {
+    /// Through the device's event loop, which sets InterruptStatus and raises the irqfd.
+    #[default]
+    Relay,
+    /// Straight to KVM's irqfd; InterruptStatus always shows VRING.
+    Direct,
+}
 
 /// The ring indexes of a pair inside its vhost-net instance.
 const RX: usize = 0;
@@ -115,18 +127,20 @@ impl VhostPair {
     }
 
     /// Hands the rings to the kernel: `acked` is what the driver acked (masked here to what
-    /// vhost offered), `kick` the pair's QueueNotify eventfds (RX, TX), `backend` its macvtap
-    /// queue. On an error the rings are left stopped.
+    /// vhost offered), `kick` the pair's QueueNotify eventfds (RX, TX), `call` the eventfd to
+    /// signal used buffers on (None: this pair's own call eventfds, for a relay), `backend` its
+    /// macvtap queue. On an error the rings are left stopped.
     pub fn start(
         &mut self,
         acked: u64,
         mem: &GuestMemoryMmap,
         queues: [&Queue; 2],
         kick: [&EventFd; 2],
+        call: Option<&EventFd>,
         backend: BorrowedFd<'_>,
     ) -> Result<(), VhostError> {
         self.stop();
-        let result = self.configure(acked, mem, queues, kick, backend);
+        let result = self.configure(acked, mem, queues, kick, call, backend);
         if result.is_err() {
             // (a ring the kernel accepted before the error must not run)
             self.running = true;
@@ -141,6 +155,7 @@ impl VhostPair {
         mem: &GuestMemoryMmap,
         queues: [&Queue; 2],
         kick: [&EventFd; 2],
+        call: Option<&EventFd>,
         backend: BorrowedFd<'_>,
     ) -> Result<(), VhostError> {
         let features = acked & self.offered;
@@ -181,7 +196,7 @@ impl VhostPair {
                 .set_vring_base(ring, q.next_avail())
                 .map_err(step(format!("{name} ring base")))?;
             self.net
-                .set_vring_call(ring, &self.call[ring])
+                .set_vring_call(ring, call.unwrap_or(&self.call[ring]))
                 .map_err(step(format!("{name} call eventfd")))?;
             self.net
                 .set_vring_kick(ring, kick)

@@ -17,23 +17,18 @@ use tapir_devices::{Bus, BusError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use event_manager::MutEventSubscriber;
-use kvm_ioctls::IoEventAddress;
-use tapir_devices::virtio::mmio::MMIO_WINDOW;
-use tapir_devices::virtio::net::{Net, VhostError, VhostIrq, VhostPair};
-use tapir_devices::virtio::{Interrupt, MmioTransport};
-use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions, VhostMode};
+use tapir_devices::virtio::net::VhostError;
+use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
 
 use crate::console::{Console, GuestOutput};
+use crate::device_manager::DeviceManager;
 use crate::exit::{ExitLatch, ExitReason};
 use crate::guest_ram;
 use crate::loader::{self, LoadError};
 use crate::seccomp::{Filters, Seccomp, SeccompError};
 use crate::vcpu::Shared;
-use crate::vm::{BootClock, NetInfo, Vm};
+use crate::vm::{BootClock, Vm};
 
-/// Offset of QueueNotify in a virtio-mmio window.
-const NOTIFY_OFFSET: u64 = 0x50;
 use crate::x86_64::{self, acpi, layout, mptable, ArchError, VcpuTemplate};
 
 /// The command line when none is given: console on the first UART, reboot through the i8042,
@@ -42,8 +37,6 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// The default and smallest guest memory, in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const MIN_MEMORY_MIB: u64 = 32;
-/// virtio-mmio devices get IRQs 5 and up (below 16, the ISA interrupts the MP table routes).
-const FIRST_VIRTIO_IRQ: u32 = 5;
 pub const MAX_NICS: usize = 10;
 /// Address of KVM's TSS pages (three pages just below the BIOS area at the top of 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -337,29 +330,9 @@ impl VmBuilder {
             .cmdline_max
             .unwrap_or(layout::CMDLINE_MAX_SIZE)
             .min(layout::CMDLINE_MAX_SIZE);
-        if self.nets.len() > MAX_NICS {
-            return Err(BuildError::TooManyNics {
-                count: self.nets.len(),
-            });
-        }
-        let slots: Vec<(u64, u32)> = (0..self.nets.len())
-            .map(|i| {
-                (
-                    layout::MMIO_DEVICES_START + i as u64 * MMIO_WINDOW,
-                    FIRST_VIRTIO_IRQ + i as u32,
-                )
-            })
-            .collect();
+        let devices = DeviceManager::new(self.nets.len())?;
         let cmdline = kernel_cmdline(&self.cmdline, capacity)
-            .and_then(|mut c| {
-                for (base, irq) in &slots {
-                    c.add_virtio_mmio_device(MMIO_WINDOW, GuestAddress(*base), *irq, None)
-                        .map_err(|e| {
-                            CmdlineError::Invalid(format!("announcing a virtio-mmio device: {e}"))
-                        })?;
-                }
-                Ok(c)
-            })
+            .and_then(|mut c| devices.announce_on_cmdline(&mut c).map(|()| c))
             .map_err(|source| BuildError::Cmdline {
                 cmdline: self.cmdline.clone(),
                 source,
@@ -378,15 +351,7 @@ impl VmBuilder {
             })?;
         x86_64::write_boot_tables(&memory, vcpus)?;
         if self.acpi {
-            let devices: Vec<acpi::MmioDevice> = slots
-                .iter()
-                .map(|(base, irq)| acpi::MmioDevice {
-                    base: *base,
-                    len: MMIO_WINDOW,
-                    irq: *irq,
-                })
-                .collect();
-            x86_64::write_acpi_tables(&memory, vcpus, &devices)?;
+            x86_64::write_acpi_tables(&memory, vcpus, &devices.acpi_devices())?;
         }
         x86_64::write_zero_page(
             &memory,
@@ -518,80 +483,7 @@ impl VmBuilder {
         )?;
 
         let mut mmio = Bus::new();
-        let mut subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
-        let mut net_infos = Vec::new();
-        for (i, ((nic, spec), (base, irq))) in
-            nics.iter_mut().zip(&self.nets).zip(&slots).enumerate()
-        {
-            let name = format!("eth{i} ({})", nic.iface());
-            let mtu = nic.mtu().and_then(|m| u16::try_from(m).ok());
-            let queues = nic.take_queues();
-            let vhost = match spec.vhost {
-                VhostMode::Off => Vec::new(),
-                VhostMode::On => queues
-                    .iter()
-                    .map(|_| VhostPair::open(&memory))
-                    .collect::<Result<_, _>>()
-                    .map_err(|source| BuildError::Vhost {
-                        spec: spec.to_string(),
-                        source,
-                    })?,
-            };
-            let mut net = Net::new(
-                name.clone(),
-                queues,
-                nic.mac().0,
-                mtu,
-                nic.supported_offloads(),
-            )
-            .map_err(Self::io(format!("creating the virtio-net device {name}")))?;
-            if spec.vhost == VhostMode::On {
-                // (the interrupt path is chosen by TAPIR_VHOST_IRQ=relay|direct while both are
-                // measured; relay by default)
-                let irq = match std::env::var("TAPIR_VHOST_IRQ").as_deref() {
-                    Ok("direct") => VhostIrq::Direct,
-                    _ => VhostIrq::Relay,
-                };
-                net = net
-                    .with_vhost(vhost, irq)
-                    .map_err(Self::io(format!("putting {name} on vhost-net")))?;
-                log::info!("{name}: served by the kernel's vhost-net (interrupts: {irq:?})");
-            }
-            let notifiers = net
-                .queue_evts()
-                .map_err(Self::io("cloning queue eventfds"))?;
-            for (queue, evt) in notifiers.iter().enumerate() {
-                vm.register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(kvm_err("registering a queue notification ioeventfd"))?;
-            }
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Self::io("creating an irqfd"))?;
-            vm.register_irqfd(&irqfd, *irq)
-                .map_err(kvm_err("registering a virtio-mmio irqfd"))?;
-            let counters = net.counters();
-            let net = Arc::new(Mutex::new(net));
-            let state_of = net.clone();
-            let link_of = net.clone();
-            net_infos.push(NetInfo {
-                name,
-                mac: nic.mac().to_string(),
-                counters,
-                state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
-                ifindex: nic.ifindex(),
-                set_link: Arc::new(move |up| tapir_devices::bus::lock(&link_of).set_link(up)),
-            });
-            let transport = MmioTransport::new(
-                net.clone(),
-                memory.clone(),
-                Arc::new(Interrupt::new(irqfd)),
-                notifiers,
-            );
-            mmio.insert(Arc::new(Mutex::new(transport)), *base, MMIO_WINDOW)?;
-            subscribers.push(net);
-        }
+        let attached = devices.attach_nets(&vm, &memory, &mut nics, &self.nets, &mut mmio)?;
 
         let template = VcpuTemplate {
             cpuid: kvm
@@ -618,9 +510,9 @@ impl VmBuilder {
             vcpus: vcpu_fds,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            subscribers,
+            subscribers: attached.subscribers,
             nics,
-            net_infos,
+            net_infos: attached.net_infos,
             serial,
             serial_room,
             console_input,

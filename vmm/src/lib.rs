@@ -30,6 +30,7 @@
 mod builder;
 mod console;
 mod device_loop;
+mod device_manager;
 mod exit;
 mod guest_ram;
 pub mod kvm_stats;

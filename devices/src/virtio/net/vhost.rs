@@ -22,7 +22,8 @@
 //! no Tapir thread woken) and InterruptStatus always shows VRING.
 
 use std::fs::File;
-use std::os::fd::BorrowedFd;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::Arc;
 
 use vhost::net::VhostNet as _;
@@ -202,15 +203,16 @@ impl VhostPair {
                 .set_vring_kick(ring, kick)
                 .map_err(step(format!("{name} kick eventfd")))?;
         }
-        // The kernel takes its own reference to the macvtap queue; this copy is closed after.
-        let file = File::from(backend.try_clone_to_owned().map_err(|e| VhostError {
-            what: "duplicating the macvtap queue's fd".into(),
-            source: vhost::Error::IOError(e),
-        })?);
+        // The crate wants a File; this one borrows the macvtap queue's fd and is never closed
+        // (no dup: the vCPU thread that activates the device may not call fcntl). The kernel takes
+        // its own reference.
+        // SAFETY: `backend` is open for the duration of this call, and ManuallyDrop keeps the
+        // File from closing it.
+        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(backend.as_raw_fd()) });
         for ring in [RX, TX] {
             self.running = true;
             self.net
-                .set_backend(ring, Some(&file))
+                .set_backend(ring, Some(&*file))
                 .map_err(step("VHOST_NET_SET_BACKEND"))?;
         }
         Ok(())

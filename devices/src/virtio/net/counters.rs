@@ -52,6 +52,7 @@ counters! {
     rx_notifications: "Guest notifications on the RX queue.",
     tx_notifications: "Guest notifications on the TX queue.",
     interrupts: "Interrupts sent to the guest.",
+    interrupts_merged: "Interrupts due within the moderation window after the last one, merged into one raised at its end.",
     interrupts_resent: "Interrupts raised again because the guest left one unacknowledged for 0.5 s (lost on its way).",
     link_changes: "Times the host interface went down (or away) or came back, told to the guest as its link status.",
 }

@@ -101,6 +101,14 @@ pub struct Net<B: NetBackend> {
     pub(super) scratch: Scratch,
     /// How vhost-net's interrupts reach the guest (with vhost).
     pub(super) vhost_irq: VhostIrq,
+    /// Coalescing (zero: none): a used-buffer interrupt due sooner than this after the last one
+    /// waits for `moderation_timer`, and those due meanwhile are merged into it; and a TX pass
+    /// that sent frames leaves the guest's notifications off and polls again this much later.
+    pub(super) coalescing: Duration,
+    pub(super) moderation_timer: TimerFd,
+    /// An interrupt waits for the moderation timer.
+    pub(super) irq_deferred: bool,
+    pub(super) last_irq: Option<Instant>,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -148,7 +156,7 @@ impl<B: NetBackend> Net<B> {
                 .into_iter()
                 .enumerate()
                 .map(|(p, backend)| QueuePair::new(p, backend))
-                .collect(),
+                .collect::<std::io::Result<_>>()?,
             pairs_in_use: 1,
             queue_sizes: vec![QUEUE_SIZE; queues],
             avail_features: offered_features(host_offloads, mtu.is_some(), n),
@@ -172,6 +180,10 @@ impl<B: NetBackend> Net<B> {
             },
             scratch: Scratch::default(),
             vhost_irq: VhostIrq::Relay,
+            coalescing: Duration::ZERO,
+            moderation_timer: TimerFd::new()?,
+            irq_deferred: false,
+            last_irq: None,
         })
     }
 
@@ -261,16 +273,56 @@ impl<B: NetBackend> Net<B> {
                 None => return,
             },
         };
-        let interrupt = active.interrupt.clone();
         match wanted {
             Ok(false) => {}
-            Ok(true) => {
-                NetCounters::add(&self.counters.interrupts, 1);
-                if let Err(e) = interrupt.signal_used() {
-                    error_limited!("{}: raising the interrupt: {e}", self.name);
-                }
-            }
+            Ok(true) => self.raise_used(Instant::now()),
             Err(_) => self.fail(DriverError::Rings { queue: index }),
+        }
+    }
+
+    /// Coalesces with a `window`: a guest that took a used-buffer interrupt less than `window`
+    /// ago gets the next at the end of that window, with whatever else became due in it, and TX
+    /// is polled `window` after a pass that sent frames, the guest's notifications left off
+    /// meanwhile. The first interrupt or frame after a quiet spell goes at once (a ping's answer
+    /// waits for nothing). Zero turns it off (the default).
+    pub fn set_coalescing(&mut self, window: Duration) {
+        self.coalescing = window;
+    }
+
+    /// Raises a used-buffer interrupt now, or when the moderation window ends.
+    fn raise_used(&mut self, now: Instant) {
+        if self.irq_deferred {
+            NetCounters::add(&self.counters.interrupts_merged, 1);
+            return;
+        }
+        if let Some(wait) = self
+            .last_irq
+            .and_then(|last| (last + self.coalescing).checked_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+        {
+            match self.moderation_timer.reset(wait, None) {
+                Ok(()) => {
+                    self.irq_deferred = true;
+                    return;
+                }
+                Err(e) => error_limited!("{}: arming the moderation timer: {e}", self.name),
+            }
+        }
+        self.last_irq = Some(now);
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        NetCounters::add(&self.counters.interrupts, 1);
+        if let Err(e) = active.interrupt.signal_used() {
+            error_limited!("{}: raising the interrupt: {e}", self.name);
+        }
+    }
+
+    /// The moderation window ended: raise the interrupt that waited for it.
+    pub(super) fn moderation_ended(&mut self, now: Instant) {
+        if std::mem::take(&mut self.irq_deferred) {
+            self.last_irq = None;
+            self.raise_used(now);
         }
     }
 
@@ -487,6 +539,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.broken = None;
         self.resched = 0;
         self.acked_features = 0;
+        self.irq_deferred = false;
+        self.last_irq = None;
+        if let Err(e) = self.moderation_timer.clear() {
+            warn_limited!("{}: disarming the moderation timer: {e}", self.name);
+        }
         for pair in &mut self.pairs {
             pair.stop();
             if let Err(e) = pair.backend.set_offloads(0) {

@@ -289,6 +289,88 @@ fn an_interrupt_the_guest_never_acknowledges_is_raised_again_by_the_watchdog() {
 }
 
 #[test]
+fn moderation_merges_the_interrupts_due_within_its_window_into_one_at_its_end() {
+    use std::time::{Duration, Instant};
+
+    let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
+    h.net.set_coalescing(Duration::from_millis(50));
+    let frame = |h: &mut Harness| {
+        let b = h.buffer(2048, &[]);
+        h.add_chain(RX_QUEUE, &[(b, 2048, F_WRITE)]);
+        h.peer.send(&Harness::frame(0, 0, 40)).unwrap();
+        h.net.pairs[0].rx_pending = true;
+        h.net.process_rx(0);
+    };
+    frame(&mut h);
+    assert!(
+        h.irq.read().is_ok(),
+        "the first after a quiet spell goes at once"
+    );
+    frame(&mut h);
+    frame(&mut h);
+    assert!(
+        h.irq.read().is_err(),
+        "the next two wait for the window's end"
+    );
+    assert_eq!(
+        h.used(RX_QUEUE).len(),
+        3,
+        "the frames themselves do not wait"
+    );
+    assert!(h.net.irq_deferred);
+    h.net.moderation_ended(Instant::now());
+    assert!(h.irq.read().is_ok(), "one interrupt for both at the end");
+    let stats = h.net.counters().snapshot();
+    assert_eq!((stats.interrupts, stats.interrupts_merged), (2, 1));
+    // a reset forgets a deferred interrupt
+    frame(&mut h);
+    assert!(h.net.irq_deferred);
+    h.net.reset();
+    assert!(!h.net.irq_deferred);
+    h.net.moderation_ended(Instant::now());
+    assert!(
+        h.irq.read().is_err(),
+        "nothing raised for a device that was reset"
+    );
+}
+
+#[test]
+fn coalesced_tx_keeps_notifications_off_until_a_poll_finds_the_queue_empty() {
+    let mut h = Harness::started(TUN_F_ALL, V1);
+    h.net.set_coalescing(std::time::Duration::from_millis(50));
+    let used_flags =
+        |h: &Harness| u16::from_le_bytes(h.read(h.queues[TX_QUEUE].used, 2).try_into().unwrap());
+    let send = |h: &mut Harness| {
+        let frame = Harness::frame(0, 0, 100);
+        let a = h.buffer(frame.len() as u32, &frame);
+        h.add_chain(TX_QUEUE, &[(a, frame.len() as u32, 0)]);
+    };
+    send(&mut h);
+    h.net.process_tx(0);
+    assert_eq!(h.used(TX_QUEUE).len(), 1, "the frame went at once");
+    assert!(h.net.pairs[0].tx_polling);
+    assert_eq!(
+        used_flags(&h),
+        1,
+        "VRING_USED_F_NO_NOTIFY: the guest need not kick"
+    );
+    // the guest queues another without a kick; the poll sends it and polls again
+    send(&mut h);
+    h.net.tx_poll_due(0);
+    assert_eq!(h.used(TX_QUEUE).len(), 2);
+    assert!(h.net.pairs[0].tx_polling);
+    assert_eq!(used_flags(&h), 1);
+    // a poll that finds nothing turns notifications back on
+    h.net.tx_poll_due(0);
+    assert!(!h.net.pairs[0].tx_polling);
+    assert_eq!(used_flags(&h), 0, "the guest kicks again");
+    let mut got = vec![0u8; 2048];
+    for _ in 0..2 {
+        h.peer.recv(&mut got).unwrap();
+    }
+}
+
+#[test]
 fn rx_without_buffers_waits_and_resumes_when_the_guest_adds_some() {
     let mut h = Harness::started(TUN_F_ALL, V1 | MRG);
     h.peer.send(&Harness::frame(0, 0, 40)).unwrap();

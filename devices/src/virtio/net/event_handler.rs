@@ -2,7 +2,8 @@
 //! the queue notifications and each backend's fd (edge-triggered, read to EAGAIN) only while the
 //! driver runs the device. Each registration carries a token: the queue index for a queue, or
 //! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget;
-//! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged. A pair the
+//! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged; MODERATION
+//! ends an interrupt moderation window; TX_POLL + pair, a pair's TX poll when it coalesces TX. A pair the
 //! kernel serves (vhost-net) has neither its queues' eventfds nor its backend registered (the
 //! kernel watches both) but its call eventfds, CALL + queue index, whose interrupts are relayed.
 
@@ -19,8 +20,10 @@ use crate::error_limited;
 const STATE: u32 = u32::MAX;
 const YIELD: u32 = u32::MAX - 1;
 const WATCHDOG: u32 = u32::MAX - 2;
+const MODERATION: u32 = u32::MAX - 3;
 const BACKEND: u32 = 1 << 16;
 const CALL: u32 = 1 << 17;
+const TX_POLL: u32 = 1 << 18;
 
 impl<B: NetBackend> Net<B> {
     fn runtime_events(&self) -> Vec<Events> {
@@ -33,11 +36,14 @@ impl<B: NetBackend> Net<B> {
             .collect();
         for (p, pair) in (0u32..).zip(&self.pairs) {
             match &pair.vhost {
-                None => events.push(Events::with_data(
-                    &pair.backend,
-                    BACKEND + p,
-                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                )),
+                None => {
+                    events.push(Events::with_data(
+                        &pair.backend,
+                        BACKEND + p,
+                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                    ));
+                    events.push(Events::with_data(&pair.tx_timer, TX_POLL + p, EventSet::IN));
+                }
                 Some(vhost) if self.vhost_irq == VhostIrq::Relay => {
                     events.extend((0u32..).zip(vhost.call_evts()).map(|(ring, evt)| {
                         Events::with_data(evt, CALL + 2 * p + ring, EventSet::IN)
@@ -82,6 +88,10 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         if let Err(e) = ops.add(Events::with_data(&self.watchdog, WATCHDOG, EventSet::IN)) {
             error_limited!("{}: registering the interrupt watchdog: {e:?}", self.name);
         }
+        let timer = Events::with_data(&self.moderation_timer, MODERATION, EventSet::IN);
+        if let Err(e) = ops.add(timer) {
+            error_limited!("{}: registering the moderation timer: {e:?}", self.name);
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -97,9 +107,14 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         } else if token == YIELD {
             let _ = self.yield_evt.read();
             self.serve_yielded();
+        } else if token == MODERATION {
+            let _ = self.moderation_timer.wait();
+            self.moderation_ended(std::time::Instant::now());
         } else if token == WATCHDOG {
             let _ = self.watchdog.wait();
             self.check_interrupt(std::time::Instant::now());
+        } else if token >= TX_POLL {
+            self.tx_poll_due((token - TX_POLL) as usize);
         } else if token >= CALL {
             let index = (token - CALL) as usize;
             if let Some(vhost) = self.pairs.get(index / 2).and_then(|p| p.vhost.as_ref()) {

@@ -12,11 +12,13 @@ use tapir_net_backend::{NetBackend, RecvBuf, SendBuf};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::device::{rx_index, tx_index, Net, Pass};
 use super::rx::RxStash;
 use super::vhost::{VhostError, VhostPair};
+use crate::error_limited;
 use crate::virtio::queue::{needs_interrupt, usable};
 
 /// One queue pair.
@@ -30,6 +32,10 @@ pub(super) struct QueuePair<B> {
     pub tx_blocked: bool,
     /// The virtqueues, while the driver runs the device.
     pub queues: Option<PairQueues>,
+    /// TX coalescing: the last TX pass left the guest's notifications off; `tx_timer` brings
+    /// the next poll.
+    pub tx_polling: bool,
+    pub tx_timer: TimerFd,
     /// The kernel's data plane, when it serves this pair.
     pub vhost: Option<VhostPair>,
 }
@@ -57,6 +63,8 @@ pub(super) struct PassContext<'a> {
     pub mrg_rxbuf: bool,
     /// The largest frame (with its header) the driver accepts.
     pub rx_frame_max: usize,
+    /// TX coalescing is on (see `tx.rs`).
+    pub tx_poll: bool,
 }
 
 /// Scratch space reused for every frame; one for all pairs, as one pass runs at a time.
@@ -79,15 +87,17 @@ impl Default for Scratch {
 }
 
 impl<B: NetBackend> QueuePair<B> {
-    pub fn new(number: usize, backend: B) -> Self {
-        Self {
+    pub fn new(number: usize, backend: B) -> std::io::Result<Self> {
+        Ok(Self {
             number,
             backend,
             rx_pending: false,
             tx_blocked: false,
             queues: None,
+            tx_polling: false,
+            tx_timer: TimerFd::new()?,
             vhost: None,
-        }
+        })
     }
 
     /// The driver started the device with these queues and acked `acked`: serve them (if both
@@ -130,6 +140,8 @@ impl<B: NetBackend> QueuePair<B> {
         }
         self.queues = None;
         self.tx_blocked = false;
+        self.tx_polling = false;
+        let _ = self.tx_timer.clear();
     }
 
     /// Both queues are there to be served.
@@ -166,10 +178,34 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
-    /// One pass over pair `pair`'s TX queue: the guest's frames to its backend.
+    /// One pass over pair `pair`'s TX queue: the guest's frames to its backend; with coalescing,
+    /// the next poll is timed when the pass left the guest's notifications off.
     pub(super) fn process_tx(&mut self, pair: usize) {
         if let Some((pass, used_any)) = self.pass(pair, QueuePair::tx_pass) {
+            if let Some(p) = self.pairs.get_mut(pair).filter(|p| p.tx_polling) {
+                if let Err(e) = p.tx_timer.reset(self.coalescing, None) {
+                    // No poll would come: coalescing ends, and a pass without it turns the
+                    // guest's notifications back on.
+                    error_limited!(
+                        "{}: arming the TX poll timer: {e}; coalescing off",
+                        self.name
+                    );
+                    p.tx_polling = false;
+                    self.coalescing = std::time::Duration::ZERO;
+                    self.process_tx(pair);
+                }
+            }
             self.end_pass(tx_index(pair), pass, used_any);
+        }
+    }
+
+    /// Pair `pair`'s TX poll timer fired.
+    pub(super) fn tx_poll_due(&mut self, pair: usize) {
+        if let Some(p) = self.pairs.get_mut(pair) {
+            let _ = p.tx_timer.wait();
+            if std::mem::take(&mut p.tx_polling) {
+                self.process_tx(pair);
+            }
         }
     }
 
@@ -191,6 +227,7 @@ impl<B: NetBackend> Net<B> {
             counters: &self.counters,
             mrg_rxbuf: active.mrg_rxbuf,
             rx_frame_max: active.rx_frame_max,
+            tx_poll: !self.coalescing.is_zero(),
         };
         Some(pass(pair, &ctx, &mut self.scratch))
     }

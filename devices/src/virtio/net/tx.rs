@@ -1,7 +1,9 @@
 //! Guest -> host: each TX chain ([virtio-net header | frame], any number of buffers) goes to the
 //! backend in one writev straight from guest memory. EAGAIN puts the chain back and TX waits until
 //! the backend is writable again; nothing is dropped silently. A pass sends at most [`BUDGET`]
-//! chains, then yields.
+//! chains, then yields. With coalescing on, a pass that sent frames leaves the guest's
+//! notifications off and the device polls the queue again a moment later (the guest's next frames,
+//! an ACK stream's, then cost it no VM exit); a poll that finds the queue empty turns them back on.
 
 use std::sync::atomic::Ordering;
 
@@ -95,6 +97,12 @@ impl<B: NetBackend> QueuePair<B> {
                     break 'queue Pass::Failed(e);
                 }
                 used_any = true;
+            }
+            // Coalescing: a pass that sent frames leaves the guest's notifications off and has
+            // the queue polled again after a while; only a poll that finds nothing turns them on.
+            if ctx.tx_poll && used_any {
+                self.tx_polling = true;
+                break Pass::Done;
             }
             match tx.enable_notification(mem) {
                 Ok(true) => continue,

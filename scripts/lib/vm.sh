@@ -45,8 +45,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 check_vmm() {
     case "$1" in
         tapir|tapir-acpi-off|tapir-4k|qemu) ;;
-        qemu-vhost|tapir-vhost|tapir-vhost-direct) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
+        qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
+        tapir-coalesce) ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-coalesce, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
     esac
 }
 
@@ -111,16 +112,16 @@ start_vmm() {
     [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir|tapir-vhost|tapir-vhost-direct|tapir-acpi-off|tapir-4k)
-            local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net irq=relay
+        tapir|tapir-vhost|tapir-coalesce|tapir-acpi-off|tapir-4k)
+            local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net coalesce=
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = tapir-acpi-off ] && acpi=off
             [ "$vmm" = tapir-4k ] && huge=off
-            [[ "$vmm" != tapir-vhost* ]] || net+=,vhost=on
-            # (tapir-vhost-direct: vhost-net's interrupts straight to KVM's irqfd, while the two
-            # interrupt paths are compared)
-            [ "$vmm" != tapir-vhost-direct ] || irq=direct
-            TAPIR_VHOST_IRQ=$irq ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
+            [ "$vmm" != tapir-vhost ] || net+=,vhost=on
+            # (tapir-coalesce: a coalescing window, TAPIR_BENCH_COALESCE_US or 300 us, while its
+            # effect is measured)
+            [ "$vmm" != tapir-coalesce ] || coalesce=${TAPIR_BENCH_COALESCE_US:-300}
+            TAPIR_COALESCE_US=$coalesce ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)

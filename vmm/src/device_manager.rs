@@ -11,7 +11,7 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use tapir_devices::virtio::mmio::MMIO_WINDOW;
-use tapir_devices::virtio::net::{Net, VhostIrq, VhostPair};
+use tapir_devices::virtio::net::{Net, VhostPair};
 use tapir_devices::virtio::{Interrupt, MmioTransport};
 use tapir_devices::Bus;
 use tapir_net_backend::{Nic, NicSpec, VhostMode};
@@ -173,16 +173,10 @@ fn make_net(
     if spec.vhost == VhostMode::Off {
         return Ok(net);
     }
-    // (the interrupt path is chosen by TAPIR_VHOST_IRQ=relay|direct while both are measured;
-    // relay by default)
-    let irq = match std::env::var("TAPIR_VHOST_IRQ").as_deref() {
-        Ok("direct") => VhostIrq::Direct,
-        _ => VhostIrq::Relay,
-    };
     let net = net
-        .with_vhost(vhost, irq)
+        .with_vhost(vhost)
         .map_err(io(format!("putting {name} on vhost-net")))?;
-    log::info!("{name}: served by the kernel's vhost-net (interrupts: {irq:?})");
+    log::info!("{name}: served by the kernel's vhost-net");
     Ok(net)
 }
 

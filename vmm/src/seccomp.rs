@@ -125,8 +125,9 @@ fn calls(kind: Kind) -> &'static [i64] {
     match kind {
         // Nothing beyond the base: its ioctls are listed in `ioctls`.
         Kind::Vcpu => &[],
-        // epoll, eventfds, frames (readv/writev), the full-queue poll.
+        // epoll, eventfds, frames (readv/writev), the full-queue poll, the coalescing timers.
         Kind::Devices => &[
+            libc::SYS_timerfd_settime,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,

@@ -158,8 +158,9 @@ fn guest_talks_to_its_peer_through_the_macvtap() {
 #[ignore = "needs root, the lab's or the host's vhost-net, namespaces and the guest image: run by scripts/test"]
 fn vhost_net_carries_the_same_traffic() {
     let run = traffic_through_the_macvtap("net-vhost", ",vhost=on");
-    // The kernel moved the frames (Tapir's own frame counters stay at 0) and Tapir relayed its
-    // interrupts, through a driver reset that stopped and restarted the rings.
+    // The kernel moved the frames and raised their interrupts on the irqfd itself (Tapir's own
+    // counters stay at 0; the traffic above could not have passed without them), through a driver
+    // reset that stopped and restarted the rings.
     assert!(
         run.stdout
             .contains("queue 0: size 1024 (served by vhost-net)"),
@@ -167,7 +168,7 @@ fn vhost_net_carries_the_same_traffic() {
     );
     assert_eq!(run.number("rx_frames"), 0, "{run}");
     assert_eq!(run.number("tx_frames"), 0, "{run}");
-    assert!(run.number("interrupts") > 1000, "{run}");
+    assert_eq!(run.number("interrupts_resent"), 0, "{run}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::pair::{QueuePair, Scratch};
-use super::vhost::{VhostIrq, VhostPair, VHOST_DATA_FEATURES};
+use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
 };
@@ -99,8 +99,6 @@ pub struct Net<B: NetBackend> {
     /// [`INTERRUPT_OVERDUE`] is raised again.
     pub(super) watchdog: TimerFd,
     pub(super) scratch: Scratch,
-    /// How vhost-net's interrupts reach the guest (with vhost).
-    pub(super) vhost_irq: VhostIrq,
     /// Coalescing (zero: none): a used-buffer interrupt due sooner than this after the last one
     /// waits for `moderation_timer`, and those due meanwhile are merged into it; and a TX pass
     /// that sent frames leaves the guest's notifications off and polls again this much later.
@@ -179,7 +177,6 @@ impl<B: NetBackend> Net<B> {
                 t
             },
             scratch: Scratch::default(),
-            vhost_irq: VhostIrq::Relay,
             coalescing: Duration::ZERO,
             moderation_timer: TimerFd::new()?,
             irq_deferred: false,
@@ -190,8 +187,7 @@ impl<B: NetBackend> Net<B> {
     /// Has the kernel's vhost-net serve the queue pairs, one instance per pair in pair order. The
     /// guest is then offered the ring and RX features only where vhost-net offers them; a
     /// vhost-net without VIRTIO_F_VERSION_1 cannot serve a virtio-mmio version 2 device.
-    pub fn with_vhost(mut self, vhost: Vec<VhostPair>, irq: VhostIrq) -> std::io::Result<Self> {
-        self.vhost_irq = irq;
+    pub fn with_vhost(mut self, vhost: Vec<VhostPair>) -> std::io::Result<Self> {
         let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
         if vhost.len() != self.pairs.len() {
             return Err(invalid(format!(
@@ -323,18 +319,6 @@ impl<B: NetBackend> Net<B> {
         if std::mem::take(&mut self.irq_deferred) {
             self.last_irq = None;
             self.raise_used(now);
-        }
-    }
-
-    /// vhost-net used chains of a ring and the driver wants to hear of it: raise the interrupt
-    /// as the userspace plane would (VRING in InterruptStatus, then the irqfd).
-    pub(super) fn relay_interrupt(&mut self) {
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        NetCounters::add(&self.counters.interrupts, 1);
-        if let Err(e) = active.interrupt.signal_used() {
-            error_limited!("{}: raising the interrupt: {e}", self.name);
         }
     }
 
@@ -504,9 +488,9 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             self.name,
             self.acked_features
         );
-        let direct = self.on_vhost() && self.vhost_irq == VhostIrq::Direct;
-        interrupt.set_vring_from_outside(direct);
-        let call = direct.then(|| interrupt.irqfd());
+        // vhost-net raises its interrupts on the irqfd itself
+        interrupt.set_vring_from_outside(self.on_vhost());
+        let call = interrupt.irqfd();
         let mut queues = queues.into_iter();
         for pair in &mut self.pairs {
             if let (Some(rx), Some(tx)) = (queues.next(), queues.next()) {
@@ -539,11 +523,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.broken = None;
         self.resched = 0;
         self.acked_features = 0;
+        // (the timer may still fire: with nothing deferred it raises nothing; no timerfd call
+        // here, on the vCPU thread that reset the device)
         self.irq_deferred = false;
         self.last_irq = None;
-        if let Err(e) = self.moderation_timer.clear() {
-            warn_limited!("{}: disarming the moderation timer: {e}", self.name);
-        }
         for pair in &mut self.pairs {
             pair.stop();
             if let Err(e) = pair.backend.set_offloads(0) {

@@ -4,8 +4,8 @@
 //! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget;
 //! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged; MODERATION
 //! ends an interrupt moderation window; TX_POLL + pair, a pair's TX poll when it coalesces TX. A pair the
-//! kernel serves (vhost-net) has neither its queues' eventfds nor its backend registered (the
-//! kernel watches both) but its call eventfds, CALL + queue index, whose interrupts are relayed.
+//! kernel serves (vhost-net) has neither its queues' eventfds nor its backend registered: the
+//! kernel watches both.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -13,7 +13,6 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::counters::NetCounters;
 use super::device::Net;
-use super::vhost::VhostIrq;
 
 use crate::error_limited;
 
@@ -22,8 +21,7 @@ const YIELD: u32 = u32::MAX - 1;
 const WATCHDOG: u32 = u32::MAX - 2;
 const MODERATION: u32 = u32::MAX - 3;
 const BACKEND: u32 = 1 << 16;
-const CALL: u32 = 1 << 17;
-const TX_POLL: u32 = 1 << 18;
+const TX_POLL: u32 = 1 << 17;
 
 impl<B: NetBackend> Net<B> {
     fn runtime_events(&self) -> Vec<Events> {
@@ -35,21 +33,13 @@ impl<B: NetBackend> Net<B> {
             .map(|(i, evt)| Events::with_data(evt, i, EventSet::IN))
             .collect();
         for (p, pair) in (0u32..).zip(&self.pairs) {
-            match &pair.vhost {
-                None => {
-                    events.push(Events::with_data(
-                        &pair.backend,
-                        BACKEND + p,
-                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                    ));
-                    events.push(Events::with_data(&pair.tx_timer, TX_POLL + p, EventSet::IN));
-                }
-                Some(vhost) if self.vhost_irq == VhostIrq::Relay => {
-                    events.extend((0u32..).zip(vhost.call_evts()).map(|(ring, evt)| {
-                        Events::with_data(evt, CALL + 2 * p + ring, EventSet::IN)
-                    }));
-                }
-                Some(_) => {}
+            if pair.vhost.is_none() {
+                events.push(Events::with_data(
+                    &pair.backend,
+                    BACKEND + p,
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                ));
+                events.push(Events::with_data(&pair.tx_timer, TX_POLL + p, EventSet::IN));
             }
         }
         events
@@ -115,12 +105,6 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
             self.check_interrupt(std::time::Instant::now());
         } else if token >= TX_POLL {
             self.tx_poll_due((token - TX_POLL) as usize);
-        } else if token >= CALL {
-            let index = (token - CALL) as usize;
-            if let Some(vhost) = self.pairs.get(index / 2).and_then(|p| p.vhost.as_ref()) {
-                let _ = vhost.call_evts()[index % 2].read();
-                self.relay_interrupt();
-            }
         } else if token >= BACKEND {
             let p = (token - BACKEND) as usize;
             let set = events.event_set();

@@ -36,7 +36,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub use counters::{NetCounters, NetStats};
 pub use device::{rx_index, tx_index, Net};
 pub use state::{NetState, QueueState};
-pub use vhost::{VhostError, VhostIrq, VhostPair, VHOST_DATA_FEATURES};
+pub use vhost::{VhostError, VhostPair, VHOST_DATA_FEATURES};
 
 /// Most entries of every queue (the driver may choose fewer). 1024, as QEMU's virtio-mmio offers:
 /// Linux fills the whole RX ring, and with 256 entries a TCP stream's GSO frames found it empty

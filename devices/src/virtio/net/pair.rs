@@ -102,8 +102,8 @@ impl<B: NetBackend> QueuePair<B> {
 
     /// The driver started the device with these queues and acked `acked`: serve them (if both
     /// are set up), here or, on vhost, by handing them to the kernel with `kick` (the queues'
-    /// notification eventfds, RX then TX) as its kick eventfds and `call` as its call eventfd
-    /// (None: the vhost pair's own, relayed). The userspace plane looks at
+    /// notification eventfds, RX then TX) as its kick eventfds and `call` (the device's irqfd)
+    /// as its call eventfd. The userspace plane looks at
     /// the backend first, which may have frames already.
     pub fn start(
         &mut self,
@@ -112,7 +112,7 @@ impl<B: NetBackend> QueuePair<B> {
         mem: &GuestMemoryMmap,
         acked: u64,
         kick: [&EventFd; 2],
-        call: Option<&EventFd>,
+        call: &EventFd,
     ) -> Result<(), VhostError> {
         let usable = usable(&rx, mem) && usable(&tx, mem);
         if let (Some(vhost), true) = (self.vhost.as_mut(), usable) {
@@ -140,8 +140,8 @@ impl<B: NetBackend> QueuePair<B> {
         }
         self.queues = None;
         self.tx_blocked = false;
+        // (a poll timer still armed finds nothing to poll; no timerfd call on the vCPU thread)
         self.tx_polling = false;
-        let _ = self.tx_timer.clear();
     }
 
     /// Both queues are there to be served.

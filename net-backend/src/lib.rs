@@ -18,7 +18,9 @@ use std::os::fd::AsRawFd;
 pub use iov::{RecvBuf, SendBuf};
 pub use mac::MacAddr;
 pub use netlink::MacvtapMode;
-pub use nic::{Nic, NicError, NicSpec, OpenOptions, VhostMode};
+pub use nic::{
+    Nic, NicError, NicSpec, OpenOptions, VhostMode, DEFAULT_COALESCE_US, MAX_COALESCE_US,
+};
 pub use tap::TapQueue;
 pub use vnet::{VnetHdr, VNET_HDR_LEN};
 

@@ -80,14 +80,23 @@ impl std::fmt::Display for HostAddr {
     }
 }
 
-/// A parsed `--net` spec: `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE][,host=ADDR/PREFIX][,vhost=on|off]`.
+/// A parsed `--net` spec:
+/// `KIND=VALUE[,mac=MAC][,queues=N][,mode=MODE][,host=ADDR/PREFIX][,vhost=on|off][,coalesce=US]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NicSpec {
     pub kind: NicKind,
     pub mac: Option<MacAddr>,
     pub queues: usize,
     pub vhost: VhostMode,
+    /// The userspace data plane's coalescing window in microseconds (0: none): see
+    /// `Net::set_coalescing` in tapir-devices.
+    pub coalesce_us: u32,
 }
+
+/// The coalescing window a spec gets unless it says otherwise, in microseconds.
+pub const DEFAULT_COALESCE_US: u32 = 100;
+/// The longest coalescing window a spec may ask for (10 ms).
+pub const MAX_COALESCE_US: u32 = 10_000;
 
 /// Which data plane serves a NIC's queues: Tapir's own (`off`, the default) or the host kernel's
 /// vhost-net (`on`), one `/dev/vhost-net` instance per queue pair.
@@ -132,6 +141,9 @@ impl std::fmt::Display for NicSpec {
         }
         if self.vhost == VhostMode::On {
             write!(f, ",vhost=on")?;
+        }
+        if self.coalesce_us != DEFAULT_COALESCE_US {
+            write!(f, ",coalesce={}", self.coalesce_us)?;
         }
         Ok(())
     }
@@ -238,6 +250,7 @@ impl FromStr for NicSpec {
         let mut mode = None;
         let mut host = None;
         let mut vhost = VhostMode::Off;
+        let mut coalesce_us = DEFAULT_COALESCE_US;
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -261,9 +274,20 @@ impl FromStr for NicSpec {
                 "mode" => mode = Some(v.parse::<MacvtapMode>().map_err(bad)?),
                 "host" => host = Some(v.parse::<HostAddr>().map_err(bad)?),
                 "vhost" => vhost = v.parse::<VhostMode>().map_err(bad)?,
+                "coalesce" => {
+                    coalesce_us = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|us| *us <= MAX_COALESCE_US)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "coalesce={v}: give microseconds from 0 (none) to {MAX_COALESCE_US}"
+                            ))
+                        })?
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (mac=, queues=, mode=, host=, vhost=)"
+                        "unknown option {k:?} (mac=, queues=, mode=, host=, vhost=, coalesce=)"
                     )))
                 }
             }
@@ -326,6 +350,7 @@ impl FromStr for NicSpec {
             mac,
             queues,
             vhost,
+            coalesce_us,
         })
     }
 }
@@ -979,6 +1004,7 @@ mod tests {
             "tap=tap0,queues=2",
             "fd=3",
             "link=eth1,mode=bridge,queues=2,vhost=on",
+            "fd=3,coalesce=0",
         ] {
             let spec: NicSpec = text.parse().unwrap();
             assert_eq!(spec.to_string().parse::<NicSpec>().unwrap(), spec, "{text}");
@@ -1070,11 +1096,14 @@ mod tests {
                 mac,
                 queues,
                 vhost,
+                coalesce_us: DEFAULT_COALESCE_US,
             };
             assert_eq!(ok(text), want, "{text}");
         }
         assert_eq!(ok("fd=3,vhost=on").vhost, VhostMode::On);
         assert_eq!(ok("tap=tap0,vhost=off,queues=2").vhost, VhostMode::Off);
+        assert_eq!(ok("fd=3,coalesce=0").coalesce_us, 0);
+        assert_eq!(ok("fd=3,coalesce=250").coalesce_us, 250);
     }
 
     #[test]
@@ -1090,6 +1119,8 @@ mod tests {
             ("link=eth1,mode=source", "unknown macvtap mode"),
             ("macvtap=mvt0,speed=10", "unknown option"),
             ("macvtap=mvt0,vhost=yes", "vhost=yes: give on or off"),
+            ("macvtap=mvt0,coalesce=-1", "coalesce=-1: give microseconds"),
+            ("macvtap=mvt0,coalesce=10001", "from 0 (none) to 10000"),
             ("macvtap=mvt0,mac", "not KEY=VALUE"),
             ("macvtap=averyveryverylongname", "longer than 15"),
             ("fd=-1", "descriptor number of 3 or more"),

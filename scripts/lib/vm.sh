@@ -46,8 +46,7 @@ check_vmm() {
     case "$1" in
         tapir|tapir-acpi-off|tapir-4k|qemu) ;;
         qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        tapir-coalesce) ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-coalesce, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
     esac
 }
 
@@ -112,16 +111,13 @@ start_vmm() {
     [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir|tapir-vhost|tapir-coalesce|tapir-acpi-off|tapir-4k)
-            local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net coalesce=
+        tapir|tapir-vhost|tapir-acpi-off|tapir-4k)
+            local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = tapir-acpi-off ] && acpi=off
             [ "$vmm" = tapir-4k ] && huge=off
             [ "$vmm" != tapir-vhost ] || net+=,vhost=on
-            # (tapir-coalesce: a coalescing window, TAPIR_BENCH_COALESCE_US or 300 us, while its
-            # effect is measured)
-            [ "$vmm" != tapir-coalesce ] || coalesce=${TAPIR_BENCH_COALESCE_US:-300}
-            TAPIR_COALESCE_US=$coalesce ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
+            ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
         qemu|qemu-vhost)

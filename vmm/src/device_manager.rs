@@ -161,15 +161,9 @@ fn make_net(
     };
     let mut net = Net::new(name, queues, nic.mac().0, mtu, nic.supported_offloads())
         .map_err(io(format!("creating the virtio-net device {name}")))?;
-    // (TAPIR_COALESCE_US: a coalescing window for the userspace plane's interrupts and TX, while
-    // its effect is measured; none by default)
-    if let Some(us) = std::env::var("TAPIR_COALESCE_US")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        net.set_coalescing(std::time::Duration::from_micros(us));
-        log::info!("{name}: coalescing window {us} us");
-    }
+    net.set_coalescing(std::time::Duration::from_micros(u64::from(
+        spec.coalesce_us,
+    )));
     if spec.vhost == VhostMode::Off {
         return Ok(net);
     }

@@ -75,8 +75,11 @@ struct RunArgs {
     /// so the host reaches the guest, which it cannot through LOWER's own address), `tap=NAME` or
     /// `fd=N`; each with optional `,mac=MAC` (the guest's MAC always equals the macvtap's) and
     /// `,queues=N` (1-16 queue pairs, one macvtap queue each; the guest picks how many it uses
-    /// through the control queue) and `,vhost=on|off` (default off: Tapir moves the frames itself;
-    /// `on`: the host kernel's vhost-net does, one /dev/vhost-net per queue pair).
+    /// through the control queue), `,vhost=on|off` (default off: Tapir moves the frames itself;
+    /// `on`: the host kernel's vhost-net does, one /dev/vhost-net per queue pair) and
+    /// `,coalesce=US` (Tapir's own data plane: interrupts due within US microseconds of the last
+    /// one share it, and TX is polled US later instead of the guest notifying each frame; default
+    /// 100, 0 for none).
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NicSpec>,
     /// Print each NIC's counters (frames, bytes, offloaded frames, notifications, interrupts...)

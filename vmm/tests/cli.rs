@@ -26,6 +26,18 @@ fn tapir_sh(script: &str) -> Output {
         .expect("starting sh")
 }
 
+/// Shell lines that make a network namespace `$ns` (`PREFIX-<shell pid>`, deleted when the script
+/// exits) holding a veth end `lower0`, up, for a `link=lower0` NIC.
+fn netns_with_veth(prefix: &str) -> String {
+    format!(
+        "ns={prefix}-$$\n\
+         ip netns add $ns || exit 99\n\
+         trap 'ip netns del $ns' EXIT\n\
+         ip -n $ns link add lower0 type veth peer name peer0\n\
+         ip -n $ns link set lower0 up\n"
+    )
+}
+
 fn assert_fails(out: &Output, status: i32, message: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(status), "stderr: {stderr}");
@@ -199,12 +211,7 @@ fn sigterm_at_any_moment_of_set_up_leaves_no_macvtap() {
     let kernel = guest_file("bzImage");
     let script = format!(
         r#"
-ns=tapir-sigterm-$$
-ip netns add $ns || exit 99
-trap 'ip netns del $ns' EXIT
-ip -n $ns link add lower0 type veth peer name peer0
-ip -n $ns link set lower0 up
-for d in 0 0.001 0.002 0.004 0.007 0.01 0.015 0.02 0.03 0.05 0.08 0.13 0.2 0.3; do
+{}for d in 0 0.001 0.002 0.004 0.007 0.01 0.015 0.02 0.03 0.05 0.08 0.13 0.2 0.3; do
     ip netns exec $ns "$TAPIR" run --kernel {} --console none --net link=lower0 2>/dev/null &
     pid=$!
     sleep $d
@@ -213,6 +220,7 @@ for d in 0 0.001 0.002 0.004 0.007 0.01 0.015 0.02 0.03 0.05 0.08 0.13 0.2 0.3; 
     echo "delay=$d status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
 done
 "#,
+        netns_with_veth("tapir-sigterm"),
         kernel.display()
     );
     let out = tapir_sh(&script);
@@ -247,15 +255,11 @@ fn vhost_on_without_vhost_net_is_named_and_leaves_no_macvtap() {
     let kernel = guest_file("bzImage");
     let script = format!(
         r#"
-ns=tapir-novhost-$$
-ip netns add $ns || exit 99
-trap 'ip netns del $ns' EXIT
-ip -n $ns link add lower0 type veth peer name peer0
-ip -n $ns link set lower0 up
-unshare -m sh -c '[ ! -e /dev/vhost-net ] || mount --bind /dev/null /dev/vhost-net
+{}unshare -m sh -c '[ ! -e /dev/vhost-net ] || mount --bind /dev/null /dev/vhost-net
     exec ip netns exec '$ns' "$TAPIR" run --kernel {} --console none --net link=lower0,vhost=on'
 echo "status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
 "#,
+        netns_with_veth("tapir-novhost"),
         kernel.display()
     );
     let out = tapir_sh(&script);

@@ -17,7 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::counters::NetCounters;
 use super::device::{rx_index, tx_index, Net, Pass};
 use super::rx::RxStash;
-use super::vhost::{VhostError, VhostPair};
+use super::vhost::{Rings, VhostError, VhostPair};
 use crate::error_limited;
 use crate::virtio::queue::{needs_interrupt, usable};
 
@@ -119,7 +119,13 @@ impl<B: NetBackend> QueuePair<B> {
             // SAFETY: the backend's fd stays open while `self` (which owns the backend) lives,
             // and the borrow ends with this call.
             let backend = unsafe { BorrowedFd::borrow_raw(self.backend.as_raw_fd()) };
-            vhost.start(acked, mem, [&rx, &tx], kick, call, backend)?;
+            let rings = Rings {
+                queues: [&rx, &tx],
+                kick,
+                call,
+                backend,
+            };
+            vhost.start(acked, mem, &rings)?;
         }
         self.queues = Some(PairQueues {
             rx,

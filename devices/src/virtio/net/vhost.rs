@@ -65,6 +65,19 @@ fn step(what: impl Into<String>) -> impl FnOnce(vhost::Error) -> VhostError {
     move |source| VhostError { what, source }
 }
 
+/// What a pair's rings are made of when they go to the kernel.
+#[derive(Debug)]
+pub struct Rings<'a> {
+    /// The virtqueues, RX then TX.
+    pub queues: [&'a Queue; 2],
+    /// Their QueueNotify eventfds, RX then TX: the kernel's kick eventfds.
+    pub kick: [&'a EventFd; 2],
+    /// The eventfd to signal used buffers on: the device's irqfd.
+    pub call: &'a EventFd,
+    /// The pair's macvtap queue.
+    pub backend: BorrowedFd<'a>,
+}
+
 /// One queue pair's vhost-net instance.
 pub struct VhostPair {
     net: KernNet<Arc<GuestMemoryMmap>>,
@@ -107,19 +120,15 @@ impl VhostPair {
     }
 
     /// Hands the rings to the kernel: `acked` is what the driver acked (masked here to what
-    /// vhost offered), `kick` the pair's QueueNotify eventfds (RX, TX), `call` the eventfd to
-    /// signal used buffers on (the device's irqfd), `backend` its macvtap queue. On an error the rings are left stopped.
+    /// vhost offered). On an error the rings are left stopped.
     pub fn start(
         &mut self,
         acked: u64,
         mem: &GuestMemoryMmap,
-        queues: [&Queue; 2],
-        kick: [&EventFd; 2],
-        call: &EventFd,
-        backend: BorrowedFd<'_>,
+        rings: &Rings<'_>,
     ) -> Result<(), VhostError> {
         self.stop();
-        let result = self.configure(acked, mem, queues, kick, call, backend);
+        let result = self.configure(acked, mem, rings);
         if result.is_err() {
             // (a ring the kernel accepted before the error must not run)
             self.running = true;
@@ -132,10 +141,7 @@ impl VhostPair {
         &mut self,
         acked: u64,
         mem: &GuestMemoryMmap,
-        queues: [&Queue; 2],
-        kick: [&EventFd; 2],
-        call: &EventFd,
-        backend: BorrowedFd<'_>,
+        rings: &Rings<'_>,
     ) -> Result<(), VhostError> {
         let features = acked & self.offered;
         self.net
@@ -154,7 +160,7 @@ impl VhostPair {
         self.net
             .set_mem_table(&regions)
             .map_err(step("VHOST_SET_MEM_TABLE"))?;
-        for (ring, (q, kick)) in queues.into_iter().zip(kick).enumerate() {
+        for (ring, (q, kick)) in rings.queues.into_iter().zip(rings.kick).enumerate() {
             let name = if ring == RX { "RX" } else { "TX" };
             self.net
                 .set_vring_num(ring, q.size())
@@ -175,7 +181,7 @@ impl VhostPair {
                 .set_vring_base(ring, q.next_avail())
                 .map_err(step(format!("{name} ring base")))?;
             self.net
-                .set_vring_call(ring, call)
+                .set_vring_call(ring, rings.call)
                 .map_err(step(format!("{name} call eventfd")))?;
             self.net
                 .set_vring_kick(ring, kick)
@@ -186,7 +192,7 @@ impl VhostPair {
         // its own reference.
         // SAFETY: `backend` is open for the duration of this call, and ManuallyDrop keeps the
         // File from closing it.
-        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(backend.as_raw_fd()) });
+        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(rings.backend.as_raw_fd()) });
         for ring in [RX, TX] {
             self.running = true;
             self.net

@@ -843,21 +843,28 @@ fn open_macvtap(link: &Link, queues: usize, opts: &OpenOptions) -> Result<Nic, N
     let node = opts.dev_dir.join(format!("tap{}", link.index));
     let mut private = None;
     match fs::symlink_metadata(&node) {
-        Ok(meta) => {
-            let rdev = meta.rdev();
-            let is_ours = meta.file_type().is_char_device()
-                && libc::major(rdev) == major
-                && libc::minor(rdev) == minor;
-            if !is_ours {
-                return Err(NicError::WrongNode {
-                    iface: link.name.clone(),
-                    path: node.display().to_string(),
-                    found: describe(&meta),
-                    major,
-                    minor,
-                });
-            }
+        Ok(meta) if !meta.file_type().is_char_device() => {
+            return Err(NicError::WrongNode {
+                iface: link.name.clone(),
+                path: node.display().to_string(),
+                found: describe(&meta),
+                major,
+                minor,
+            });
         }
+        // Another char device: /dev/tapN is named by ifindex, which each network namespace counts
+        // on its own, so a macvtap of another namespace (or one long gone) may hold the name.
+        // Ours gets a private node, as when there is none.
+        Ok(meta) if (libc::major(meta.rdev()), libc::minor(meta.rdev())) != (major, minor) => {
+            log::debug!(
+                "{} is {}, not macvtap {}'s {major}:{minor}; using a private node",
+                node.display(),
+                describe(&meta),
+                link.name
+            );
+            private = Some(make_private_node(link, major, minor, opts)?);
+        }
+        Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             private = Some(make_private_node(link, major, minor, opts)?);
         }

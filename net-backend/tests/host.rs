@@ -570,7 +570,7 @@ fn host_macvtaps_of_dead_tapir_processes_are_swept_and_others_kept() {
 
 #[test]
 #[ignore = "needs root (network namespace, veth, macvtap): run by scripts/test"]
-fn host_existing_node_is_used_and_wrong_nodes_are_refused() {
+fn host_existing_node_is_used_others_are_passed_and_files_refused() {
     let ns = TestNs::new("nodes");
     ns.add_macvtap("mvt0");
     let o = opts(&ns);
@@ -582,6 +582,22 @@ fn host_existing_node_is_used_and_wrong_nodes_are_refused() {
         let err = Nic::open(&spec("macvtap=mvt0"), &o).expect_err("regular file");
         assert!(matches!(err, NicError::WrongNode { .. }), "{err}");
         assert!(err.to_string().contains("a regular file"), "{err}");
+        std::fs::remove_file(&node).expect("rm");
+
+        // Another char device under the name (another namespace's macvtap of the same ifindex):
+        // left alone, and the queues open through a private node.
+        let c = std::ffi::CString::new(node.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mknod with a valid path; the node is /dev/null's numbers, harmless.
+        let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+        assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+        let nic = Nic::open(&spec("macvtap=mvt0"), &o).expect("opening past another's node");
+        drop(nic);
+        let meta = std::fs::metadata(&node).expect("the other node is still there");
+        assert_eq!(
+            libc::major(std::os::unix::fs::MetadataExt::rdev(&meta)),
+            1,
+            "left as it was"
+        );
         std::fs::remove_file(&node).expect("rm");
 
         // The right node, as udev would make it: used as it is, nothing made in the runtime dir.

@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
-use super::pair::{QueuePair, Scratch};
+use super::pair::{nonblocking_timer, QueuePair, Scratch};
 use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
@@ -178,7 +178,7 @@ impl<B: NetBackend> Net<B> {
             },
             scratch: Scratch::default(),
             coalescing: Duration::ZERO,
-            moderation_timer: TimerFd::new()?,
+            moderation_timer: nonblocking_timer()?,
             irq_deferred: false,
             last_irq: None,
         })

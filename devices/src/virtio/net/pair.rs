@@ -86,6 +86,20 @@ impl Default for Scratch {
     }
 }
 
+/// A timerfd whose read never blocks: the event loop reads a timer when epoll said it fired, and
+/// one re-armed meanwhile (reset clears the expiry count) must not hold the loop until it fires.
+pub(super) fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    let timer = TimerFd::new()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&timer);
+    // SAFETY: fcntl on a descriptor the TimerFd owns; only its status flags change.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
 impl<B: NetBackend> QueuePair<B> {
     pub fn new(number: usize, backend: B) -> std::io::Result<Self> {
         Ok(Self {
@@ -95,7 +109,7 @@ impl<B: NetBackend> QueuePair<B> {
             tx_blocked: false,
             queues: None,
             tx_polling: false,
-            tx_timer: TimerFd::new()?,
+            tx_timer: nonblocking_timer()?,
             vhost: None,
         })
     }

@@ -20,7 +20,7 @@
 //! raised one). A relay through Tapir's event loop (read the call eventfd, set VRING, raise the
 //! irqfd) was measured against it in the lab (3 rounds, QEMU vhost=on beside both): direct moved TCP
 //! guest->peer 1.23x, TCP peer->guest 1.07x and 64-byte UDP guest->peer 1.54x the relay's rate, at
-//! 0.7-0.9x its VMM CPU per frame and a lower RTT, and 0.68x its 64-byte UDP peer->guest rate (a
+//! 0.64-0.91x its VMM CPU per frame and a lower RTT, and 0.68x its 64-byte UDP peer->guest rate (a
 //! case where vhost-net on a macvtap is slow either way). What the relay had and this lacks: the
 //! interrupt watchdog cannot raise again a vhost interrupt the guest never took.
 

@@ -3,9 +3,9 @@
 //! driver runs the device. Each registration carries a token: the queue index for a queue, or
 //! BACKEND + pair for a backend; YIELD brings back the queues whose last pass used its budget;
 //! WATCHDOG, a periodic timer, raises again an interrupt the guest left unacknowledged; MODERATION
-//! ends an interrupt moderation window; TX_POLL + pair, a pair's TX poll when it coalesces TX. A pair the
-//! kernel serves (vhost-net) has neither its queues' eventfds nor its backend registered: the
-//! kernel watches both.
+//! ends an interrupt moderation window; TX_POLL + pair brings a pair's TX poll when it coalesces TX.
+//! A pair the kernel serves (vhost-net) has neither its queues' eventfds nor its backend
+//! registered: the kernel watches both.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tapir_net_backend::NetBackend;
@@ -191,13 +191,13 @@ impl<B: NetBackend> Net<B> {
 
     /// Host memory the device holds for RX, in buffers: (stashed buffers, scratch iovec capacity).
     pub fn fuzz_rx_holdings(&self) -> (usize, usize) {
-        let stashed = self.active.as_ref().map_or(0, |_| {
-            self.pairs
-                .iter()
-                .filter_map(|p| p.queues.as_ref())
-                .map(|q| q.rx_stash.buffers())
-                .sum()
-        });
+        // (a pair holds queues only while the device runs)
+        let stashed = self
+            .pairs
+            .iter()
+            .filter_map(|p| p.queues.as_ref())
+            .map(|q| q.rx_stash.buffers())
+            .sum();
         (stashed, self.scratch.rx_iov.capacity())
     }
 }

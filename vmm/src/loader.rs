@@ -165,13 +165,35 @@ pub fn load_kernel(
 }
 
 /// Loads the initramfs at `path` as high as the kernel allows; returns its (address, size).
+#[cfg(feature = "fuzzing")]
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel: &LoadedKernel,
     mem_size: u64,
 ) -> Result<(u64, u64), LoadError> {
-    let mut file = open("initramfs", path)?;
+    place_initrd(path, kernel, mem_size)?.read_into(mem)
+}
+
+/// An initramfs whose place in guest memory is chosen and whose file is open, not read yet: the
+/// boot parameters need only its place, so the reading can go on beside the rest of the set-up.
+#[derive(Debug)]
+pub struct PlacedInitrd {
+    file: File,
+    path: PathBuf,
+    /// Guest-physical address of its first byte.
+    pub addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Opens the initramfs at `path` and places it as high in low memory as the kernel allows.
+pub fn place_initrd(
+    path: &Path,
+    kernel: &LoadedKernel,
+    mem_size: u64,
+) -> Result<PlacedInitrd, LoadError> {
+    let file = open("initramfs", path)?;
     let size = file
         .metadata()
         .map_err(|source| LoadError::Open {
@@ -190,12 +212,25 @@ pub fn load_initrd(
             source,
         }
     })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| LoadError::InitrdRead {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok((addr, size))
+    Ok(PlacedInitrd {
+        file,
+        path: path.to_owned(),
+        addr,
+        size,
+    })
+}
+
+impl PlacedInitrd {
+    /// Reads the whole file into guest memory at its place; returns (address, size). A file that
+    /// shrank since it was placed is an error, not a short initramfs.
+    pub fn read_into(mut self, mem: &GuestMemoryMmap) -> Result<(u64, u64), LoadError> {
+        mem.read_exact_volatile_from(GuestAddress(self.addr), &mut self.file, self.size as usize)
+            .map_err(|source| LoadError::InitrdRead {
+                path: self.path,
+                source,
+            })?;
+        Ok((self.addr, self.size))
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +250,41 @@ mod tests {
             None,
             "truncated before the magic"
         );
+    }
+
+    #[test]
+    fn a_placed_initrd_is_read_whole_and_one_that_shrank_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("tapir-initrd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("initrd");
+        let bytes: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let mem_size = 16 << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
+        let kernel = LoadedKernel {
+            entry: HIMEM_START,
+            header: None,
+            end: 2 << 20,
+            cmdline_max: None,
+        };
+
+        let placed = place_initrd(&path, &kernel, mem_size as u64).unwrap();
+        assert_eq!(placed.size, bytes.len() as u64);
+        assert_eq!(
+            placed.addr,
+            mem_size as u64 - placed.size,
+            "as high as it fits"
+        );
+        let (addr, size) = placed.read_into(&mem).unwrap();
+        let mut back = vec![0u8; size as usize];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert_eq!(back, bytes);
+
+        let placed = place_initrd(&path, &kernel, mem_size as u64).unwrap();
+        std::fs::write(&path, &bytes[..4096]).unwrap();
+        let err = placed.read_into(&mem).unwrap_err();
+        assert!(matches!(err, LoadError::InitrdRead { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

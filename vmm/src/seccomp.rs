@@ -288,7 +288,7 @@ impl Filters {
 /// at its first touch under THP `always`, 2 MiB of RSS for a thread that uses a few KiB (seen in
 /// the lab: 6.0 MiB outside guest RAM, 2 of them one stack). The deepest path, a vCPU thread
 /// activating a device and logging, uses far less than this.
-const THREAD_STACK: usize = 512 << 10;
+pub(crate) const THREAD_STACK: usize = 512 << 10;
 
 /// Spawns a thread named `name` that puts itself under the allow-list of `kind` and then runs
 /// `body`; returns once the filter is in place, or with the error that kept it from being applied.

@@ -322,13 +322,20 @@ impl VmBuilder {
                 source,
             }
         })?;
-        // (After guest RAM: a thread's first allocation maps an arena, which must not fall between
-        // guest_ram's probe and its mapping.)
-        let (kvm_path, requested) = (self.kvm_path.clone(), self.vcpus);
-        let kvm_vm = Beside::start("creating the KVM VM", "tapir-kvm", move || {
-            create_kvm_vm(&kvm_path, requested, max)
-        })?;
-        let kernel = loader::load_kernel(&memory, &self.kernel, mem_size)?;
+        // The kernel is read on a thread while this one creates the KVM VM; KVM's errors wait
+        // until the files, the command line and the NICs have been checked, so that those are
+        // reported first. (The VM is created here, not on a helper thread: KVM names its
+        // debugfs directory after the creating thread, and tools look it up by Tapir's pid.
+        // After guest RAM: a thread's first allocation maps an arena, which must not fall
+        // between guest_ram's probe and its mapping.)
+        let kernel_loader = {
+            let (memory, path) = (memory.clone(), self.kernel.clone());
+            Beside::start("loading the kernel", "tapir-kernel", move || {
+                loader::load_kernel(&memory, &path, mem_size).map_err(BuildError::from)
+            })?
+        };
+        let kvm_vm = create_kvm_vm(&self.kvm_path, self.vcpus, max);
+        let kernel = kernel_loader.finish()?;
         let (initrd, initrd_reader) = match &self.initrd {
             Some(path) => {
                 let placed = loader::place_initrd(path, &kernel, mem_size)?;
@@ -403,7 +410,7 @@ impl VmBuilder {
         }
 
         // KVM's errors only now: a bad kernel, initramfs, command line or NIC is reported first.
-        let (kvm, vm) = kvm_vm.finish()?;
+        let (kvm, vm) = kvm_vm?;
         let kvm_err = |what| move |source| BuildError::Kvm { what, source };
 
         register_memory(&vm, &memory)?;
@@ -509,10 +516,10 @@ impl VmBuilder {
     }
 }
 
-/// Set-up work that runs on a thread of its own beside the rest of [`VmBuilder::build`]: reading
-/// the initramfs into guest memory, and creating the KVM VM. In the lab, reading a 5 MB initramfs
-/// took 22-144 ms and creating the VM with its irqchip 20-30 ms of the 150-280 ms from exec to the
-/// first KVM_RUN, each while the other thread had as much else to do. [`Beside::finish`] joins it;
+/// Set-up work that runs on a thread of its own beside the rest of [`VmBuilder::build`]: loading
+/// the kernel (while the KVM VM is created) and reading the initramfs into guest memory (while the
+/// devices and vCPUs are). In the lab, reading a 5 MB initramfs took 22-144 ms and creating the VM
+/// with its irqchip 20-30 ms of the 150-280 ms from exec to the first KVM_RUN. [`Beside::finish`] joins it;
 /// dropping it on an error path joins too, so nothing of it outlives `build`.
 struct Beside<T> {
     what: &'static str,

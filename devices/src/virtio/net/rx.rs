@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_NONE};
 use tapir_net_backend::NetBackend;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::counters::NetCounters;
@@ -78,12 +78,25 @@ impl<B: NetBackend> QueuePair<B> {
     /// Moves frames from the backend to the RX queue while both have some, for at most a budget
     /// of frames. Returns how the pass ended and whether it used any chain.
     pub(super) fn rx_pass(&mut self, ctx: &PassContext, scratch: &mut Scratch) -> (Pass, bool) {
-        let Some(q) = self.queues.as_mut() else {
+        let Some(mut q) = self.queues.take() else {
             return (Pass::Done, false);
         };
+        let ended = self.rx_pass_on(&mut q.rx, &mut q.rx_stash, ctx, scratch);
+        self.queues = Some(q);
+        ended
+    }
+
+    /// [`Self::rx_pass`] over an RX queue and stash kept elsewhere (the vhost-user backend's
+    /// rings live in its vrings).
+    pub(super) fn rx_pass_on(
+        &mut self,
+        rx: &mut Queue,
+        stash: &mut RxStash,
+        ctx: &PassContext,
+        scratch: &mut Scratch,
+    ) -> (Pass, bool) {
         let mem = ctx.mem;
         let index = rx_index(self.number);
-        let (rx, stash) = (&mut q.rx, &mut q.rx_stash);
         let counters = ctx.counters;
         // Without MRG_RXBUF a frame goes into exactly one chain.
         let max_chains = if ctx.mrg_rxbuf { usize::MAX } else { 1 };

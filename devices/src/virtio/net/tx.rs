@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use tapir_net_backend::vnet::{FLAG_NEEDS_CSUM, GSO_NONE};
 use tapir_net_backend::NetBackend;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::counters::NetCounters;
 use super::device::{report_malformed, tx_index, Pass, BUDGET};
@@ -23,12 +23,24 @@ impl<B: NetBackend> QueuePair<B> {
     /// Sends what the guest queued until the queue is empty, the backend is full or the pass's
     /// budget is spent. Returns how the pass ended and whether it used any chain.
     pub(super) fn tx_pass(&mut self, ctx: &PassContext, scratch: &mut Scratch) -> (Pass, bool) {
+        let Some(mut q) = self.queues.take() else {
+            return (Pass::Done, false);
+        };
+        let ended = self.tx_pass_on(&mut q.tx, ctx, scratch);
+        self.queues = Some(q);
+        ended
+    }
+
+    /// [`Self::tx_pass`] over a TX queue kept elsewhere (the vhost-user backend's vrings).
+    pub(super) fn tx_pass_on(
+        &mut self,
+        tx: &mut Queue,
+        ctx: &PassContext,
+        scratch: &mut Scratch,
+    ) -> (Pass, bool) {
         if self.tx_blocked {
             return (Pass::Done, false);
         }
-        let Some(tx) = self.queues.as_mut().map(|q| &mut q.tx) else {
-            return (Pass::Done, false);
-        };
         let mem = ctx.mem;
         let index = tx_index(self.number);
         let counters = ctx.counters;

@@ -341,6 +341,85 @@ fn parse_newc(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
     Ok(members)
 }
 
+/// The test guest's side of the traffic tests (its `/tapir/run`; it is 10.77.0.2 on the test
+/// network, the peer 10.77.0.1 runs [`PEER_SERVERS`]): ping out, 100 MB down over HTTP and 100 MB
+/// up with nc (checksums printed on both sides), iperf3 TCP both ways and UDP, then a driver
+/// reset (unbind and bind virtio_net) while an iperf3 TCP stream flows, and a ping after it.
+/// [`check_guest_traffic`] checks what it printed.
+pub const GUEST_TRAFFIC: &str = r#"
+peer=10.77.0.1
+sleep 3   # the host pings us meanwhile
+ping -c 3 -W 2 $peer && echo "PING-OUT ok"
+echo "DOWN $(wget -q -O - http://$peer/blob | sha256sum | cut -c1-64)"
+dd if=/dev/urandom of=/tmp/up bs=1M count=100 2>/dev/null
+echo "UP-LOCAL $(sha256sum /tmp/up | cut -c1-64)"
+nc $peer 5001 </tmp/up
+rm /tmp/up
+iperf3 -c $peer -t 3 -f m | grep -E 'receiver' | sed 's/^/TCP-OUT /'
+iperf3 -c $peer -t 3 -f m -R | grep -E 'receiver' | sed 's/^/TCP-IN /'
+iperf3 -c $peer -u -b 0 -l 64 -t 3 | grep -E 'receiver' | sed 's/^/UDP /'
+# A driver reset while a TCP stream flows (its iperf3 fails, as it may): unbind and bind virtio_net
+# again, configure, talk again.
+iperf3 -c $peer -t 6 >/dev/null 2>&1 &
+sleep 2
+dev=$(basename $(readlink /sys/class/net/eth0/device))
+echo -n $dev > /sys/bus/virtio/drivers/virtio_net/unbind
+echo -n $dev > /sys/bus/virtio/drivers/virtio_net/bind
+ip addr add 10.77.0.2/24 dev eth0 && ip link set eth0 up
+sleep 1
+ping -c 2 -W 2 $peer && echo "PING-AFTER-RESET ok"
+wait
+"#;
+
+/// The peer's side of [`GUEST_TRAFFIC`], for a host script to `eval` once `scripts/lib/testnet up`
+/// set PEER_NS and with D a scratch directory: a 100 MB blob over HTTP (its checksum printed as
+/// PEER-SHA), an nc listener writing the upload to $D/upload.bin, an iperf3 server. The script
+/// prints UP-PEER (the upload's checksum) and UP-BYTES at its end itself.
+pub const PEER_SERVERS: &str = r#"
+head -c 100M /dev/urandom >$D/blob
+echo "PEER-SHA $(sha256sum <$D/blob | cut -c1-64)"
+ip netns exec $PEER_NS busybox httpd -f -p 80 -h $D &
+# nc's stdin must stay open: at EOF busybox nc shuts its side down, and the guest's nc quits early.
+mkfifo $D/hold
+exec 8<>$D/hold
+ip netns exec $PEER_NS busybox nc -l -p 5001 <$D/hold >$D/upload.bin &
+ip netns exec $PEER_NS iperf3 -s >/dev/null 2>&1 &
+"#;
+
+/// What every data plane must show for [`GUEST_TRAFFIC`]: pings both ways and after the driver
+/// reset, 100 MB each way intact, an iperf3 rate above 0 for TCP both ways and UDP. The host
+/// script must print PING-IN after pinging the guest, and UP-PEER after the guest is done.
+pub fn check_guest_traffic(run: &Run) {
+    for wanted in ["PING-IN ok", "PING-OUT ok", "PING-AFTER-RESET ok"] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
+    let peer_sha = run.line_value("PEER-SHA ");
+    assert_eq!(
+        run.line_value("DOWN "),
+        peer_sha,
+        "100 MB peer -> guest arrived intact"
+    );
+    assert_eq!(
+        run.line_value("UP-PEER "),
+        run.line_value("UP-LOCAL "),
+        "100 MB guest -> peer arrived intact"
+    );
+    // A rate in any unit: a lab run beside other labs has moved UDP at 734 Kbits/sec.
+    for prefix in ["TCP-OUT ", "TCP-IN ", "UDP "] {
+        let line = run.line_value(prefix);
+        let rate = line
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1].ends_with("bits/sec"))
+            .and_then(|w| w[0].parse::<f64>().ok());
+        assert!(
+            rate.is_some_and(|r| r > 0.0),
+            "{prefix}: no rate above 0 in {line:?}\n{run}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_newc;

@@ -36,6 +36,7 @@ mod guest_ram;
 pub mod kvm_stats;
 mod loader;
 mod seccomp;
+mod user_net;
 mod vcpu;
 mod vm;
 pub mod x86_64;
@@ -49,6 +50,7 @@ pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
 pub use seccomp::{Seccomp, SeccompError};
 pub use tapir_net_backend::{NicSpec, VhostMode};
+pub use user_net::{UserNetDaemon, UserNetError, UserNetServer};
 pub use vm::{DumpHandle, NetInfo, RunError, StopHandle, Vm, QUEUE_STATE_TARGET};
 
 /// The loader's entry points, for the fuzz targets.

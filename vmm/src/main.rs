@@ -46,6 +46,47 @@ enum Command {
     /// Example: tapir run --kernel guest-images/out/bzImage --initrd guest-images/out/initramfs.cpio.gz --cpus 2
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Serve one NIC's macvtap to another VMM as a vhost-user-net backend.
+    ///
+    /// Listens on SOCKET and serves one frontend at a time (QEMU's `-netdev vhost-user`, Cloud
+    /// Hypervisor, ...) with Tapir's own data plane: MRG_RXBUF, EVENT_IDX, the offloads the
+    /// macvtap takes, and with `queues=N` in SPEC one macvtap queue per pair (the frontend needs
+    /// `queues=N` too). The frontend's guest must use the macvtap's MAC, which is printed at start
+    /// (give `mac=` in SPEC to choose it for `link=`). When a frontend goes away the next one is
+    /// served. The frontend's guest memory must be shared (e.g. QEMU's `-object
+    /// memory-backend-memfd,share=on`) and sealed against shrinking (memfd's default in QEMU).
+    /// SIGINT, SIGTERM or SIGHUP end it: the socket and a macvtap it created are removed.
+    ///
+    /// Example: tapir vhost-user-net --socket /run/tapir-net0.sock --net link=eth1,mode=bridge
+    #[command(name = "vhost-user-net", after_help = DAEMON_STATUS_HELP)]
+    VhostUserNet(UserNetArgs),
+}
+
+const DAEMON_STATUS_HELP: &str = "Exit status: 0 when stopped by a signal; 1 when the NIC or the \
+    socket cannot be set up or served; 2 for a bad command line.";
+
+#[derive(Args, Debug)]
+struct UserNetArgs {
+    /// Where frontends connect (a Unix socket; a stale one there is replaced, any other file is
+    /// not).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The socket's permissions, in octal.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// The NIC to serve, as `tapir run --net` takes it (`vhost=` and `coalesce=` do not apply).
+    #[arg(long = "net", value_name = "SPEC")]
+    net: NicSpec,
+    /// Print the NIC's counters when the daemon stops.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode from 0 to 777"))
 }
 
 #[derive(Args, Debug)]
@@ -281,6 +322,63 @@ fn run(args: RunArgs, start: Instant) -> Result<ExitReason, Box<dyn std::error::
     Ok(report.reason)
 }
 
+/// Runs the vhost-user-net daemon until a stop signal (returned) or an error serving.
+fn serve_vhost_user(args: UserNetArgs) -> Result<i32, Box<dyn std::error::Error>> {
+    use vmm_sys_util::eventfd::EventFd;
+    let woken = EventFd::new(0).map_err(|e| format!("creating an eventfd: {e}"))?;
+    STOP_FD.store(woken.as_raw_fd(), Ordering::Relaxed);
+    // Caught before any host state exists, as for `run`: set-up finishes, then everything goes.
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
+            .map_err(|e| format!("installing the {} handler: {e}", signal_name(signal)))?;
+    }
+    // SAFETY: umask only changes this process's file creation mask; the socket is the only file
+    // the daemon creates.
+    unsafe { libc::umask(!args.socket_mode & 0o777) };
+    let daemon = tapir::UserNetDaemon::new(&args.socket, &args.net)?;
+    say(&format!(
+        "vhost-user-net: serving {} on {}",
+        daemon.description(),
+        args.socket.display()
+    ));
+    let server = daemon.server();
+    let wake = woken
+        .try_clone()
+        .map_err(|e| format!("cloning an eventfd: {e}"))?;
+    let serving = std::thread::Builder::new()
+        .name("tapir-vu-serve".into())
+        .spawn(move || {
+            let result = server.serve();
+            let _ = wake.write(1);
+            result
+        })
+        .map_err(|e| format!("starting the serving thread: {e}"))?;
+    if STOP_SIGNAL.load(Ordering::Relaxed) == 0 {
+        let _ = woken.read();
+    }
+    STOP_FD.store(-1, Ordering::Relaxed);
+    if args.stats {
+        use std::io::Write;
+        let _ = write!(
+            std::io::stderr(),
+            "tapir: NIC counters\n{}",
+            daemon.counters().snapshot()
+        );
+    }
+    // The socket, the pairs' threads and a macvtap created for link= go with the daemon; a
+    // frontend still connected sees its socket close when the process ends.
+    drop(daemon);
+    let signal = STOP_SIGNAL.load(Ordering::Relaxed);
+    if signal == 0 {
+        // woken by the serving thread: it can only have failed
+        return Err(match serving.join() {
+            Ok(Err(e)) => e.into(),
+            _ => "the serving thread ended".into(),
+        });
+    }
+    Ok(signal)
+}
+
 /// One line on stderr. A closed stderr (a reader that went away) must not turn into a panic, as
 /// `eprintln!` would.
 fn say(line: &str) {
@@ -291,7 +389,25 @@ fn say(line: &str) {
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::VhostUserNet(args) => {
+            init_logging(cli.verbose, false);
+            return match serve_vhost_user(args) {
+                Ok(signal) => {
+                    say(&format!(
+                        "vhost-user-net: stopped by {}",
+                        signal_name(signal)
+                    ));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    say(&format!("error: {}", error_chain(e.as_ref())));
+                    ExitCode::from(EXIT_ERROR)
+                }
+            };
+        }
+    };
     init_logging(cli.verbose, args.boot_timer);
     match run(args, start) {
         Ok(reason) => {
@@ -353,8 +469,8 @@ mod tests {
             "--stats",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
         assert_eq!(cli.verbose, 2);
+        let a = run_args(cli);
         assert_eq!(
             (a.kernel, a.initrd),
             (PathBuf::from("k"), Some(PathBuf::from("i")))
@@ -368,31 +484,75 @@ mod tests {
         );
         assert!(a.stats);
         assert!(a.seccomp, "the sandbox is on by default");
-        let Command::Run(a) = parse(&["run", "--kernel", "k", "--seccomp", "off"])
-            .unwrap()
-            .command;
+        let a = run_args(parse(&["run", "--kernel", "k", "--seccomp", "off"]).unwrap());
         assert!(!a.seccomp);
-        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        let a = run_args(parse(&["run", "--kernel", "k"]).unwrap());
         assert!(a.acpi, "ACPI tables by default");
-        let Command::Run(a) = parse(&["run", "--kernel", "k", "--acpi", "off"])
-            .unwrap()
-            .command;
+        let a = run_args(parse(&["run", "--kernel", "k", "--acpi", "off"]).unwrap());
         assert!(!a.acpi);
-        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        let a = run_args(parse(&["run", "--kernel", "k"]).unwrap());
         assert!(a.huge_pages, "huge pages by default");
-        let Command::Run(a) = parse(&["run", "--kernel", "k", "--huge-pages", "off"])
-            .unwrap()
-            .command;
+        let a = run_args(parse(&["run", "--kernel", "k", "--huge-pages", "off"]).unwrap());
         assert!(!a.huge_pages);
         assert!(parse(&["run", "--kernel", "k", "--acpi", "yes"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--seccomp", "maybe"]).is_err());
 
-        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        let a = run_args(parse(&["run", "--kernel", "k"]).unwrap());
         assert_eq!(
             (a.cpus, a.memory, a.console),
             (1, DEFAULT_MEMORY_MIB, ConsoleArg::Stdio)
         );
         assert_eq!(a.cmdline, DEFAULT_CMDLINE);
+    }
+
+    fn run_args(cli: Cli) -> RunArgs {
+        match cli.command {
+            Command::Run(a) => a,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn vhost_user_net_takes_a_socket_a_mode_and_one_nic() {
+        let cli = parse(&["vhost-user-net", "--socket", "/s", "--net", "link=lower0"]).unwrap();
+        let Command::VhostUserNet(a) = cli.command else {
+            panic!("not vhost-user-net: {:?}", cli.command);
+        };
+        assert_eq!(a.socket, PathBuf::from("/s"));
+        assert_eq!(a.socket_mode, 0o600, "owner only by default");
+        assert_eq!(a.net.to_string(), "link=lower0,mode=bridge");
+        assert!(!a.stats);
+        let cli = parse(&[
+            "vhost-user-net",
+            "--socket",
+            "/s",
+            "--net",
+            "macvtap=mvt0,queues=2",
+            "--socket-mode",
+            "660",
+        ])
+        .unwrap();
+        let Command::VhostUserNet(a) = cli.command else {
+            panic!("not vhost-user-net");
+        };
+        assert_eq!(a.socket_mode, 0o660);
+        for bad in ["8", "1000", "rw", ""] {
+            let err = parse(&[
+                "vhost-user-net",
+                "--socket",
+                "/s",
+                "--net",
+                "fd=3",
+                "--socket-mode",
+                bad,
+            ])
+            .unwrap_err();
+            assert!(err.to_string().contains("octal mode"), "{bad}: {err}");
+        }
+        assert!(
+            parse(&["vhost-user-net", "--net", "fd=3"]).is_err(),
+            "the socket is required"
+        );
     }
 
     #[test]

@@ -275,3 +275,101 @@ echo "status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn vhost_user_net_refuses_what_it_cannot_serve_and_says_what() {
+    let dir = scratch_dir("cli-vu");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "keep me").unwrap();
+    let sock = file.to_str().unwrap();
+    let out = tapir(&["vhost-user-net", "--socket", sock, "--net", "fd=3"]);
+    assert_fails(
+        &out,
+        1,
+        "not-a-socket exists and is not a socket; refusing to replace it",
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    let sock = dir.join("vu.sock");
+    let sock = sock.to_str().unwrap();
+    let out = tapir(&["vhost-user-net", "--socket", sock, "--net", "fd=3,vhost=on"]);
+    assert_fails(&out, 1, "vhost=on does not apply to a vhost-user backend");
+    let out = tapir(&[
+        "vhost-user-net",
+        "--socket",
+        sock,
+        "--net",
+        "fd=3",
+        "--socket-mode",
+        "9",
+    ]);
+    assert_fails(&out, 2, "is not an octal mode");
+    let out = tapir(&["vhost-user-net", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for wanted in [
+        "--socket",
+        "--socket-mode",
+        "--net",
+        "--stats",
+        "share=on",
+        "SIGTERM",
+        "Exit status",
+    ] {
+        assert!(
+            help.contains(wanted),
+            "vhost-user-net --help lacks {wanted}:\n{help}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root (a network namespace, veth, macvtap): run by scripts/test"]
+fn vhost_user_net_serves_on_a_private_socket_and_leaves_nothing_behind() {
+    // A daemon on a macvtap it creates: its socket is 0600, a second daemon on the same socket is
+    // refused, SIGTERM ends it with status 0, its socket and macvtap gone; a NIC it cannot open is
+    // named, with no socket left.
+    let dir = scratch_dir("cli-vu-serve");
+    let script = format!(
+        r#"
+{}S={}/vu.sock
+ip netns exec $ns "$TAPIR" vhost-user-net --socket $S --net link=lower0 --stats 2>{}/daemon.txt &
+d=$!
+for _ in $(seq 100); do [ -S $S ] && break; sleep 0.05; done
+echo "mode=$(stat -c %a $S) macvtaps=$(ip -n $ns -o link show type macvtap | wc -l)"
+ip netns exec $ns "$TAPIR" vhost-user-net --socket $S --net link=lower0
+echo "second=$?"
+kill -TERM $d; wait $d
+echo "status=$? macvtaps=$(ip -n $ns -o link show type macvtap | wc -l) socket=$(ls $S 2>/dev/null | wc -l)"
+cat {}/daemon.txt >&2
+ip netns exec $ns "$TAPIR" vhost-user-net --socket $S --net link=nowhere0
+echo "nolink=$? socket=$(ls $S 2>/dev/null | wc -l)"
+"#,
+        netns_with_veth("tapir-vu"),
+        dir.display(),
+        dir.display(),
+        dir.display()
+    );
+    let out = tapir_sh(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for wanted in [
+        "mode=600 macvtaps=1",
+        "second=1",
+        "status=0 macvtaps=0 socket=0",
+        "nolink=1 socket=0",
+    ] {
+        assert!(
+            stdout.contains(wanted),
+            "lacks {wanted:?}: {stdout}\n{stderr}"
+        );
+    }
+    for wanted in [
+        "vu.sock: another backend is listening there",
+        "vhost-user-net: serving tpr",
+        "tapir: NIC counters",
+        "vhost-user-net: stopped by SIGTERM",
+        "NIC link=nowhere0,mode=bridge: there is no network interface called nowhere0",
+    ] {
+        assert!(stderr.contains(wanted), "lacks {wanted:?}: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -136,16 +136,7 @@ impl<B: NetBackend> Net<B> {
         host_offloads: u32,
     ) -> std::io::Result<Self> {
         let n = backends.len();
-        // Queue indexes fit the 64-bit reschedule mask.
-        let pairs = u16::try_from(n)
-            .ok()
-            .filter(|p| (1..=MAX_PAIRS).contains(p))
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("a virtio-net device needs 1 to {MAX_PAIRS} queue pairs, not {n}"),
-                )
-            })?;
+        let pairs = super::pair_count(n, "a virtio-net device")?;
         let queues = if n > 1 { 2 * n + 1 } else { 2 };
         let mtu_value = mtu.unwrap_or(1500);
         Ok(Self {

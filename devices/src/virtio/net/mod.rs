@@ -4,6 +4,7 @@
 //! - `device.rs`: the control plane: features, configuration space, activation and reset;
 //! - `pair.rs`: the data plane, one object per queue pair (its backend queue and virtqueues);
 //! - `vhost.rs`: the other data plane, the kernel's vhost-net serving a pair's rings;
+//! - `user.rs`: the same pairs and passes serving a vhost-user frontend's rings (a backend daemon);
 //! - `rx.rs` / `tx.rs`: a pair's passes, `readv`/`writev` straight between the backend and guest
 //!   buffers;
 //! - `event_handler.rs`: the event-loop side (queue notifications, the backend's fd);
@@ -20,6 +21,7 @@ mod pair;
 mod rx;
 mod state;
 mod tx;
+mod user;
 mod vhost;
 
 #[cfg(test)]
@@ -28,6 +30,8 @@ mod device_tests;
 mod hostile_tests;
 #[cfg(test)]
 mod test_utils;
+#[cfg(test)]
+mod user_tests;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
@@ -36,6 +40,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub use counters::{NetCounters, NetStats};
 pub use device::{rx_index, tx_index, Net};
 pub use state::{NetState, QueueState};
+pub use user::{UserNet, UserNetHandler};
 pub use vhost::{VhostError, VhostPair, VHOST_DATA_FEATURES};
 
 /// Most entries of every queue (the driver may choose fewer). 1024, as QEMU's virtio-mmio offers:
@@ -76,6 +81,23 @@ pub fn offered_features(tun_offloads: u32, has_mtu: bool, pairs: usize) -> u64 {
         features |= bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
     }
     features
+}
+
+/// `n` backends as a number of queue pairs, 1 to [`device::MAX_PAIRS`] (queue indexes fit the
+/// built-in device's 64-bit reschedule mask); `what` names the device in the error.
+fn pair_count(n: usize, what: &str) -> std::io::Result<u16> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| (1..=device::MAX_PAIRS).contains(p))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{what} needs 1 to {} queue pairs, not {n}",
+                    device::MAX_PAIRS
+                ),
+            )
+        })
 }
 
 /// Largest frame (with header) the guest may be handed, given what it acked.

@@ -84,6 +84,16 @@ impl DriverQueue {
         q
     }
 
+    /// Writes `data` into guest memory at `addr` (a buffer's contents).
+    pub fn mem_write(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// Reads guest memory at `addr` into `out`.
+    pub fn mem_read(&self, addr: u64, out: &mut [u8]) {
+        self.mem.read_slice(out, GuestAddress(addr)).unwrap();
+    }
+
     pub fn store_desc(&self, index: u16, raw: RawDescriptor) {
         let addr = self.desc + 16 * u64::from(index % self.size);
         self.mem.write_obj(raw, GuestAddress(addr)).unwrap();

@@ -721,9 +721,10 @@ impl<B: NetBackend + 'static> VhostUserBackendReqHandlerMut for UserNetHandler<B
                 "ring {index} started before its memory, addresses and size were given"
             )));
         };
-        let used_idx = mem
-            .read_obj::<u16>(GuestAddress(used).unchecked_add(2))
-            .map_err(|_| self.refuse(format!("ring {index}: used ring outside memory")))?;
+        let used_idx = GuestAddress(used)
+            .checked_add(2)
+            .and_then(|at| mem.read_obj::<u16>(at).ok())
+            .ok_or_else(|| self.refuse(format!("ring {index}: used ring outside memory")))?;
         let mut queue = Queue::new(QUEUE_SIZE).map_err(|_| VuError::BackendInternalError)?;
         queue.set_size(setup.size);
         let (lo, hi) = halves(desc);

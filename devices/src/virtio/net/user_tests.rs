@@ -344,3 +344,29 @@ fn the_configuration_space_reads_as_the_built_in_devices() {
     assert!(h.get_config(0, u32::MAX, flags).unwrap().len() <= 4096);
     assert!(h.set_config(0, &[1], flags).is_err());
 }
+
+#[test]
+fn a_ring_at_the_end_of_the_highest_region_is_refused() {
+    let (backend, _peer) = SocketpairBackend::pair(0).unwrap();
+    let net =
+        Arc::new(UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], None, 0).unwrap());
+    let mut h = UserNetHandler::new(net);
+    // (the highest region vm-memory maps ends one page below 2^64)
+    let top = u64::MAX - 0x1fff;
+    h.set_mem_table(
+        &[VhostUserMemoryRegion::new(top, 0x1000, VMM_BASE, 0)],
+        vec![memfd(0x1000, true)],
+        None,
+    )
+    .unwrap();
+    let last = VMM_BASE + 0xffe; // its used index would lie past the region's end
+    h.set_vring_num(0, 1).unwrap();
+    h.set_vring_addr(0, VhostUserVringAddrFlags::empty(), last, last, last, 0)
+        .unwrap();
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let err = h.set_vring_kick(0, Some(dup(&kick))).unwrap_err();
+    assert!(
+        err.to_string().contains("used ring outside memory"),
+        "{err}"
+    );
+}

@@ -56,7 +56,8 @@ pub enum UserNetError {
 pub struct UserNetDaemon {
     server: UserNetServer,
     description: String,
-    nic: Nic,
+    /// Held for its Drop: a macvtap created for `link=` goes with it.
+    _nic: Nic,
 }
 
 /// What serves frontends: the listening socket and the device. Cheap to clone, for a thread.
@@ -120,7 +121,7 @@ impl UserNetDaemon {
                 net: net.clone(),
             },
             description,
-            nic,
+            _nic: nic,
         };
         // (dropping `daemon` on this error stops the threads that did start)
         net.spawn_workers(THREAD_STACK)
@@ -136,11 +137,6 @@ impl UserNetDaemon {
     /// The device's counters.
     pub fn counters(&self) -> Arc<NetCounters> {
         self.server.net.counters()
-    }
-
-    /// The NIC's host side (its name, MAC...).
-    pub fn nic(&self) -> &Nic {
-        &self.nic
     }
 
     /// The server, to run on a thread of its own ([`UserNetServer::serve`]).

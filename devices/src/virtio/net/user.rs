@@ -206,11 +206,6 @@ impl<B: NetBackend + 'static> UserNet<B> {
         self.counters.clone()
     }
 
-    /// Queue pairs served.
-    pub fn pairs(&self) -> usize {
-        self.pairs.len()
-    }
-
     /// Starts one thread per pair (named `tapir-vu-pN`), serving it until [`Self::stop_workers`].
     pub fn spawn_workers(
         self: &Arc<Self>,
@@ -495,9 +490,9 @@ pub struct UserNetHandler<B> {
 }
 
 impl<B: NetBackend + 'static> UserNetHandler<B> {
-    /// A handler for a new connection to `net` (which starts from a clean state).
+    /// A handler for a new connection to `net`, which must be as new or as
+    /// [`UserNet::disconnected`] left it (the server calls that when a frontend goes).
     pub fn new(net: Arc<UserNet<B>>) -> Self {
-        net.disconnected();
         let rings = 2 * net.pairs.len();
         Self {
             net,

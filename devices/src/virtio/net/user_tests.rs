@@ -50,6 +50,13 @@ fn region(size: u64) -> VhostUserMemoryRegion {
     VhostUserMemoryRegion::new(0, size, VMM_BASE, 0)
 }
 
+/// A one-pair backend on a socketpair (MTU `mtu`), with the peer's end of it.
+fn device(mtu: Option<u16>) -> (Arc<UserNet<SocketpairBackend>>, UnixDatagram) {
+    let (backend, peer) = SocketpairBackend::pair(0).unwrap();
+    let net = UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], mtu, 0).unwrap();
+    (Arc::new(net), peer)
+}
+
 struct Frontend {
     handler: UserNetHandler<SocketpairBackend>,
     net: Arc<UserNet<SocketpairBackend>>,
@@ -65,9 +72,7 @@ impl Frontend {
     /// A backend with one pair, its memory table set from a sealed memfd, rings set up at
     /// 0x0/0x4000 (size 256), features `acked`, both rings started and its thread running.
     fn started(acked: u64) -> Self {
-        let (backend, peer) = SocketpairBackend::pair(0).unwrap();
-        let net =
-            Arc::new(UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], None, 0).unwrap());
+        let (net, peer) = device(None);
         net.spawn_workers(256 << 10).unwrap();
         let mut handler = UserNetHandler::new(net.clone());
         let file = memfd(MEM, true);
@@ -230,9 +235,7 @@ fn a_stopped_ring_gives_back_where_it_was_and_can_start_again() {
 
 #[test]
 fn memory_that_could_crash_the_daemon_is_refused() {
-    let (backend, _peer) = SocketpairBackend::pair(0).unwrap();
-    let net =
-        Arc::new(UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], None, 0).unwrap());
+    let (net, _peer) = device(None);
     let mut h = UserNetHandler::new(net);
     // a memfd that can shrink: truncating it would turn the daemon's accesses into SIGBUS
     let err = h
@@ -270,9 +273,7 @@ fn memory_that_could_crash_the_daemon_is_refused() {
 
 #[test]
 fn rings_a_frontend_gets_wrong_are_refused_before_use() {
-    let (backend, _peer) = SocketpairBackend::pair(0).unwrap();
-    let net =
-        Arc::new(UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], None, 0).unwrap());
+    let (net, _peer) = device(None);
     let mut h = UserNetHandler::new(net.clone());
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let flags = VhostUserVringAddrFlags::empty;
@@ -327,10 +328,7 @@ fn rings_a_frontend_gets_wrong_are_refused_before_use() {
 
 #[test]
 fn the_configuration_space_reads_as_the_built_in_devices() {
-    let (backend, _peer) = SocketpairBackend::pair(0).unwrap();
-    let net = Arc::new(
-        UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], Some(1400), 0).unwrap(),
-    );
+    let (net, _peer) = device(Some(1400));
     let mut h = UserNetHandler::new(net);
     let flags = vhost::vhost_user::message::VhostUserConfigFlags::empty();
     let config = h.get_config(0, 12, flags).unwrap();
@@ -347,9 +345,7 @@ fn the_configuration_space_reads_as_the_built_in_devices() {
 
 #[test]
 fn a_ring_at_the_end_of_the_highest_region_is_refused() {
-    let (backend, _peer) = SocketpairBackend::pair(0).unwrap();
-    let net =
-        Arc::new(UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], None, 0).unwrap());
+    let (net, _peer) = device(None);
     let mut h = UserNetHandler::new(net);
     // (the highest region vm-memory maps ends one page below 2^64)
     let top = u64::MAX - 0x1fff;

@@ -78,6 +78,10 @@ struct UserPair<B> {
     rings: [Option<LiveRing>; 2],
     /// The eventfds the guest's interrupts go through (SET_VRING_CALL), RX then TX.
     calls: [Option<EventFd>; 2],
+    /// An interrupt came due while its ring had no call eventfd: QEMU starts a ring (its kick)
+    /// before it hands over the call, and a pass in between must not lose the guest's interrupt
+    /// (with EVENT_IDX the guest would wait for it forever). SET_VRING_CALL delivers it.
+    owed: [bool; 2],
     /// SET_VRING_ENABLE's word per ring. On until the frontend says otherwise after it acked
     /// features: QEMU 7.2 enables the first pair at reset, before it acks any (a message the
     /// vhost crate refuses), and never again for a single pair; Linux guests with several pairs
@@ -158,6 +162,7 @@ impl<B: NetBackend + 'static> UserNet<B> {
                     pair: QueuePair::new(p, backend)?,
                     rings: [None, None],
                     calls: [None, None],
+                    owed: [false, false],
                     enabled: [true, true],
                     mem: None,
                     acked: 0,
@@ -391,11 +396,22 @@ impl<B: NetBackend + 'static> UserNet<B> {
         } else {
             ring.queue.needs_notification(mem).unwrap_or(true)
         };
-        if let (true, Some(call)) = (wants, &pair.calls[side]) {
-            NetCounters::add(&self.counters.interrupts, 1);
-            if let Err(e) = call.write(1) {
-                warn_limited!("{}: pair {p}: signalling the guest: {e}", self.name);
-            }
+        if wants {
+            self.signal(p, pair, side);
+        }
+    }
+
+    /// Raises the guest's interrupt for pair `p`'s ring `side` through its call eventfd, or owes
+    /// it until the frontend hands one over.
+    fn signal(&self, p: usize, pair: &mut UserPair<B>, side: usize) {
+        let Some(call) = &pair.calls[side] else {
+            pair.owed[side] = true;
+            return;
+        };
+        pair.owed[side] = false;
+        NetCounters::add(&self.counters.interrupts, 1);
+        if let Err(e) = call.write(1) {
+            warn_limited!("{}: pair {p}: signalling the guest: {e}", self.name);
         }
     }
 
@@ -414,6 +430,8 @@ impl<B: NetBackend + 'static> UserNet<B> {
             pair.rx_decided_at = 0;
         }
         pair.broken = false;
+        // (an interrupt owed was for this ring: the frontend reads the used ring itself now)
+        pair.owed[side] = false;
         Some(ring.queue.next_avail())
     }
 
@@ -772,7 +790,12 @@ impl<B: NetBackend + 'static> VhostUserBackendReqHandlerMut for UserNetHandler<B
             // SAFETY: the descriptor came with the message and is owned by nothing else.
             unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
         });
-        self.net.lock(p).calls[side] = call;
+        let mut guard = self.net.lock(p);
+        let pair = &mut *guard;
+        pair.calls[side] = call;
+        if pair.owed[side] {
+            self.net.signal(p, pair, side);
+        }
         Ok(())
     }
 

@@ -366,3 +366,34 @@ fn a_ring_at_the_end_of_the_highest_region_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_interrupt_due_before_the_frontend_hands_over_its_call_eventfd_is_delivered_then() {
+    // QEMU restarts a ring with SET_VRING_KICK before SET_VRING_CALL: a pass in between (frames
+    // waiting in the macvtap) uses buffers while the ring has no call eventfd.
+    let mut f = Frontend::started(V1 | MRG);
+    f.handler.get_vring_base(0).unwrap();
+    let rx_buf = BUFS + 0x1_0000;
+    f.rx.store_desc(
+        0,
+        RawDescriptor::from(SplitDescriptor::new(rx_buf, 4096, F_WRITE, 0)),
+    );
+    f.rx.publish(0);
+    let mut incoming = vec![0u8; HDR_LEN];
+    incoming.extend_from_slice(b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\0while restarting");
+    f.peer.send(&incoming).unwrap();
+    f.handler.set_vring_base(0, 0).unwrap();
+    f.handler.set_vring_kick(0, Some(dup(&f.kicks[0]))).unwrap();
+    wait_for("the RX chain used", || !f.rx.used_entries().is_empty());
+    assert!(f.calls[0].read().is_err(), "no call eventfd yet");
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    f.handler.set_vring_call(0, Some(dup(&call))).unwrap();
+    assert_eq!(
+        call.read().ok(),
+        Some(1),
+        "the owed interrupt, on the new eventfd"
+    );
+    // owed once, not again
+    f.handler.set_vring_call(0, Some(dup(&call))).unwrap();
+    assert!(call.read().is_err());
+}

@@ -8,11 +8,13 @@ open files.
 
 Command line (used by scripts/lib/bench-run, scripts/lib/soak-long and scripts/lib/vm.sh):
   rss PID GUEST_MIB          KiB resident outside mappings at least as large as guest RAM
-  snapshot PID KVM_DIR HIST GUEST_COUNTERS
+  snapshot PID KVM_DIR HIST GUEST_COUNTERS [HELPER_PID]
                              one line of counters (key=value): the guest's virtio interrupts and eth0
                              frames (GUEST_COUNTERS, the counters CGI's body), the VM's exits, the
                              VMM's QueueNotify writes, its CPU ticks outside the vCPUs, the host's
-                             softirq ticks and its busy ticks outside guests
+                             softirq ticks and its busy ticks outside guests; with HELPER_PID (a
+                             vhost-user backend serving the VMM's NIC) that process's ticks, also
+                             counted into the VMM's
   phase PHASE BEFORE AFTER IPERF_JSON
                              the figures of one iperf3 run (PHASE tcp_out, tcp_in, udp_out or udp_in)
                              from the snapshots around it, one `figure value` per line
@@ -196,7 +198,8 @@ def guest_counters(text):
     return int(nums[0]), int(nums[1]) + int(nums[2])
 
 
-SNAPSHOT_KEYS = ("irqs", "frames", "exits", "notifies", "vmm_ticks", "softirq_ticks", "host_ticks")
+SNAPSHOT_KEYS = ("irqs", "frames", "exits", "notifies", "vmm_ticks", "helper_ticks", "softirq_ticks",
+                 "host_ticks")
 
 
 def parse_snapshot(line):
@@ -234,6 +237,7 @@ def phase_figures(phase, before, after, iperf_json, clk_tck):
 
     rate = iperf_received(iperf_json, phase)
     vmm = after["vmm_ticks"] - before["vmm_ticks"]
+    helper = after["helper_ticks"] - before["helper_ticks"]
     softirq = after["softirq_ticks"] - before["softirq_ticks"]
     host = after["host_ticks"] - before["host_ticks"]
     return [
@@ -243,6 +247,7 @@ def phase_figures(phase, before, after, iperf_json, clk_tck):
         (f"exits_per_pkt_{phase}", f"{per_frame('exits'):.4f}"),
         (f"notifies_per_pkt_{phase}", f"{per_frame('notifies'):.4f}"),
         (f"vmm_cpu_ms_per_kframe_{phase}", f"{ms_per_kframe(vmm):.4f}"),
+        (f"helper_cpu_ms_per_kframe_{phase}", f"{ms_per_kframe(helper):.4f}"),
         (f"softirq_ms_per_kframe_{phase}", f"{ms_per_kframe(softirq):.4f}"),
         (f"host_cpu_ms_per_kframe_{phase}", f"{ms_per_kframe(host):.4f}"),
     ]
@@ -283,17 +288,31 @@ def vmm_cpu_ticks(pid, proc="/proc"):
     return total
 
 
-def snapshot(pid, kvm_dir, hist_path, guest, proc="/proc"):
-    """All counters at one moment, as a dict with SNAPSHOT_KEYS."""
+def process_ticks(pid, proc="/proc"):
+    """CPU ticks of all of process pid's threads."""
+    total = 0
+    for t in os.listdir(f"{proc}/{pid}/task"):
+        try:
+            total += task_stat(_read(f"{proc}/{pid}/task/{t}/stat"))[1]
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def snapshot(pid, kvm_dir, hist_path, guest, proc="/proc", helper=None):
+    """All counters at one moment, as a dict with SNAPSHOT_KEYS. helper: the pid of a process that
+    serves the VMM's NIC (a vhost-user backend), whose CPU counts as the VMM's too."""
     irqs, frames = guest_counters(guest)
     softirq, busy = host_ticks(_read(f"{proc}/stat"))
     tids = {int(t) for t in os.listdir(f"{proc}/{pid}/task")}
+    helper_ticks = process_ticks(helper, proc) if helper is not None else 0
     return {
         "irqs": irqs,
         "frames": frames,
         "exits": int(_read(os.path.join(kvm_dir, "exits")).split()[0]),
         "notifies": notify_writes(_read(hist_path), tids),
-        "vmm_ticks": vmm_cpu_ticks(pid, proc),
+        "vmm_ticks": vmm_cpu_ticks(pid, proc) + helper_ticks,
+        "helper_ticks": helper_ticks,
         "softirq_ticks": softirq,
         "host_ticks": busy,
     }
@@ -307,8 +326,9 @@ def main(argv):
     try:
         if cmd == "rss" and len(args) == 2:
             print(rss_outside_guest(_read(f"/proc/{int(args[0])}/smaps"), int(args[1]) * 1024))
-        elif cmd == "snapshot" and len(args) == 4:
-            print(format_snapshot(snapshot(int(args[0]), args[1], args[2], args[3])))
+        elif cmd == "snapshot" and len(args) in (4, 5):
+            helper = int(args[4]) if len(args) == 5 else None
+            print(format_snapshot(snapshot(int(args[0]), args[1], args[2], args[3], helper=helper)))
         elif cmd == "phase" and len(args) == 4:
             phase, before, after, iperf = args
             clk_tck = os.sysconf("SC_CLK_TCK")

@@ -144,12 +144,14 @@ round-trip min/avg/max = 0.912/1.058/1.204 ms
                 bm.guest_counters(bad)
 
     def test_snapshot_lines_round_trip(self):
-        s = snap(irqs=1, frames=2, exits=3, notifies=4, vmm_ticks=5, softirq_ticks=6, host_ticks=7)
+        s = snap(irqs=1, frames=2, exits=3, notifies=4, vmm_ticks=5, helper_ticks=1, softirq_ticks=6,
+                 host_ticks=7)
         self.assertEqual(bm.parse_snapshot(bm.format_snapshot(s)), s)
         with self.assertRaises(bm.MeasureError):
             bm.parse_snapshot("irqs=1 frames=2")
         with self.assertRaises(bm.MeasureError):
-            bm.parse_snapshot("irqs=x frames=2 exits=3 notifies=4 vmm_ticks=5 softirq_ticks=6 host_ticks=7")
+            bm.parse_snapshot("irqs=x frames=2 exits=3 notifies=4 vmm_ticks=5 helper_ticks=0 softirq_ticks=6 "
+                              "host_ticks=7")
 
 
 TRACE = """\
@@ -191,10 +193,10 @@ class Startup(unittest.TestCase):
 
 class PhaseFigures(unittest.TestCase):
     def test_per_frame_figures(self):
-        before = snap(irqs=100, frames=1000, exits=50, notifies=10, vmm_ticks=200, softirq_ticks=1000,
-                      host_ticks=5000)
-        after = snap(irqs=600, frames=11000, exits=2050, notifies=510, vmm_ticks=250, softirq_ticks=1030,
-                     host_ticks=5120)
+        before = snap(irqs=100, frames=1000, exits=50, notifies=10, vmm_ticks=200, helper_ticks=100,
+                      softirq_ticks=1000, host_ticks=5000)
+        after = snap(irqs=600, frames=11000, exits=2050, notifies=510, vmm_ticks=250, helper_ticks=120,
+                     softirq_ticks=1030, host_ticks=5120)
         figures = dict(bm.phase_figures("udp_in", before, after, iperf_doc(nbytes=6_400_000, seconds=2), 100))
         self.assertEqual(figures["frames_udp_in"], "10000")
         self.assertEqual(figures["udp_in_kpps"], "50.000")
@@ -203,6 +205,7 @@ class PhaseFigures(unittest.TestCase):
         self.assertEqual(figures["notifies_per_pkt_udp_in"], "0.0500")
         # 50 ticks of 10 ms over 10 000 frames: 50 ms per 1000 frames
         self.assertEqual(figures["vmm_cpu_ms_per_kframe_udp_in"], "50.0000")
+        self.assertEqual(figures["helper_cpu_ms_per_kframe_udp_in"], "20.0000")
         self.assertEqual(figures["softirq_ms_per_kframe_udp_in"], "30.0000")
         self.assertEqual(figures["host_cpu_ms_per_kframe_udp_in"], "120.0000")
 
@@ -246,6 +249,8 @@ class Readers(unittest.TestCase):
         write("kvm/exits", "4242\n")
         write("hist", HIST.replace("812", "813", 1))
         write("not-a-pid/comm", "x\n")
+        write("700/task/700/stat", stat(700, "tapir", 3, 4))
+        write("700/task/701/stat", stat(701, "tapir-vu-p0", 30, 70))
 
     def tearDown(self):
         self.dir.cleanup()
@@ -260,8 +265,13 @@ class Readers(unittest.TestCase):
         # the hist's first line now belongs to 813 (a thread of 812): 150; 812's own lines: 20 + 7(not
         # QueueNotify); 813's QEMU window: 11
         self.assertEqual(s, {"irqs": 1, "frames": 5, "exits": 4242, "notifies": 150 + 20 + 11,
-                             "vmm_ticks": 58, "softirq_ticks": 25195,
+                             "vmm_ticks": 58, "helper_ticks": 0, "softirq_ticks": 25195,
                              "host_ticks": 10132153 + 290696 + 3084719 + 25195})
+
+    def test_a_helper_process_counts_whole_and_into_the_vmm(self):
+        s = bm.snapshot(812, os.path.join(self.proc, "kvm"), os.path.join(self.proc, "hist"), "1\n2\n3\n",
+                        self.proc, helper=700)
+        self.assertEqual((s["helper_ticks"], s["vmm_ticks"]), (107, 58 + 107))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@
 #   vmm_start_marker: a tracefs instance directory whose trace_marker gets vmm_start_marker written
 #   just before the VMM starts
 # VMMs: tapir (--net fd=3), tapir-vhost (--net fd=3,vhost=on), qemu (microvm, virtio-net-device,
-# vhost=off), qemu-vhost (vhost=on); each gets the macvtap as fd 3 opened on the same /dev/tapN.
+# vhost=off), qemu-vhost (vhost=on), qemu-vu (QEMU's vhost-user netdev, its guest RAM a shared memfd,
+# served by Tapir's vhost-user-net daemon, started first; its pid in helper_pid); each gets the
+# macvtap as fd 3 opened on the same /dev/tapN (the daemon in qemu-vu's case).
 
 qemu_extra=()
+helper_pid=
 tapir_net=fd=3
 qemu_tap=fd=3
 qemu_acpi=off qemu_rtc=off
@@ -44,9 +47,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 # check_vmm VMM: dies unless VMM is one this host can run.
 check_vmm() {
     case "$1" in
-        tapir|tapir-acpi-off|tapir-4k|qemu) ;;
+        tapir|tapir-acpi-off|tapir-4k|qemu|qemu-vu) ;;
         qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu or qemu-vhost)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu, qemu-vhost or qemu-vu)" ;;
     esac
 }
 
@@ -105,8 +108,12 @@ answers_within() {
 # Returns 1 (after a log line) when no marker comes within 60 s.
 start_vmm() {
     local vmm=$1 t0 t1 line='' c
-    rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log"
+    rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log" "$work/helper.log"
     mkfifo "$work/mark"
+    if [ "$vmm" = qemu-vu ]; then
+        [ "$qemu_tap" = fd=3 ] || { log "qemu-vu runs on the macvtap only"; return 1; }
+        start_helper || return 1
+    fi
     # (a trace marker for the start-up figure, where the caller set one up)
     [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
@@ -120,15 +127,21 @@ start_vmm() {
             ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
-        qemu|qemu-vhost)
-            local vhost=off fd3=$TAP_DEV
+        qemu|qemu-vhost|qemu-vu)
+            local vhost=off fd3=$TAP_DEV machine="microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi"
+            local netdev=(-netdev "tap,id=n0,$qemu_tap,vhost=$vhost")
             [ "$qemu_tap" = fd=3 ] || fd3=/dev/null
-            [ "$vmm" = qemu-vhost ] && vhost=on
-            ip netns exec "$VM_NS" qemu-system-x86_64 -M "microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi" \
+            [ "$vmm" = qemu-vhost ] && netdev=(-netdev "tap,id=n0,$qemu_tap,vhost=on")
+            if [ "$vmm" = qemu-vu ]; then
+                fd3=/dev/null machine+=",memory-backend=mem"
+                netdev=(-object "memory-backend-memfd,id=mem,size=${mem_mib}M,share=on"
+                    -chardev "socket,id=vu,path=$work/vu.sock" -netdev vhost-user,id=n0,chardev=vu)
+            fi
+            ip netns exec "$VM_NS" qemu-system-x86_64 -M "$machine" \
                 -enable-kvm -cpu host -smp "$cpus" -m "$mem_mib" -nodefaults -no-user-config -display none \
                 -no-reboot -serial "file:$work/console.log" \
                 -chardev "pipe,id=mark,path=$work/mark" -device isa-debugcon,iobase=0x402,chardev=mark \
-                -netdev "tap,id=n0,$qemu_tap,vhost=$vhost" -device "virtio-net-device,netdev=n0,mac=$MAC,id=net0" "${qemu_extra[@]}" \
+                "${netdev[@]}" -device "virtio-net-device,netdev=n0,mac=$MAC,id=net0" "${qemu_extra[@]}" \
                 -kernel "$kernel" -initrd "$initrd" -append "$guest_cmdline reboot=t" \
                 3<>"$fd3" </dev/null >"$work/vmm.out" 2>"$work/vmm.err" & ;;
     esac
@@ -156,14 +169,44 @@ vmm_rest_of_log() {
     exec 5<&-
 }
 
-stop_vmm() { # SIGTERM, and SIGKILL after 30 s
+# start_helper: Tapir's vhost-user-net daemon on the macvtap (fd 3) at $work/vu.sock, for qemu-vu;
+# sets helper_pid once its socket is there (its log in helper.log).
+start_helper() {
     local i
-    [ -n "$vmm_pid" ] || return 0
-    kill "$vmm_pid" 2>/dev/null || true
-    for i in $(seq 60); do kill -0 "$vmm_pid" 2>/dev/null || break; sleep 0.5; done
-    kill -9 "$vmm_pid" 2>/dev/null && log "the VMM (pid $vmm_pid) ignored SIGTERM for 30 s: killed"
-    wait "$vmm_pid" 2>/dev/null || true
-    vmm_pid=
+    rm -f "$work/vu.sock"
+    ip netns exec "$VM_NS" "$tapir" vhost-user-net --socket "$work/vu.sock" --net fd=3 --stats \
+        3<>"$TAP_DEV" </dev/null >"$work/helper.log" 2>&1 &
+    helper_pid=$!
+    for i in $(seq 100); do
+        [ -S "$work/vu.sock" ] && return 0
+        kill -0 "$helper_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "the vhost-user-net daemon did not start: $(tail -n 3 "$work/helper.log" 2>/dev/null)"
+    stop_helper
+    return 1
+}
+
+stop_pid() { # PID WHAT: SIGTERM, and SIGKILL after 30 s
+    local i
+    kill "$1" 2>/dev/null || true
+    for i in $(seq 60); do kill -0 "$1" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$1" 2>/dev/null && log "$2 (pid $1) ignored SIGTERM for 30 s: killed"
+    wait "$1" 2>/dev/null || true
+}
+
+stop_helper() {
+    [ -n "$helper_pid" ] || return 0
+    stop_pid "$helper_pid" "the vhost-user-net daemon"
+    helper_pid=
+}
+
+stop_vmm() { # SIGTERM, and SIGKILL after 30 s; then the daemon of qemu-vu
+    if [ -n "$vmm_pid" ]; then
+        stop_pid "$vmm_pid" "the VMM"
+        vmm_pid=
+    fi
+    stop_helper
 }
 
 # The host's KVM trace: kvm_exit and kvm_inj_exception, so that a crash shows the guest's last exits

@@ -4,7 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Instant;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -56,6 +56,7 @@ enum Command {
     /// served. The frontend's guest memory must be shared (e.g. QEMU's `-object
     /// memory-backend-memfd,share=on`) and sealed against shrinking (memfd's default in QEMU).
     /// SIGINT, SIGTERM or SIGHUP end it: the socket and a macvtap it created are removed.
+    /// SIGUSR1 logs each ring's state (the daemon's positions next to the guest's rings).
     ///
     /// Example: tapir vhost-user-net --socket /run/tapir-net0.sock --net link=eth1,mode=bridge
     #[command(name = "vhost-user-net", after_help = DAEMON_STATUS_HELP)]
@@ -184,7 +185,12 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// Where SIGUSR1's handler writes: the VM's dump handle.
 static DUMP_FD: AtomicI32 = AtomicI32::new(-1);
 
+/// Set by SIGUSR1's handler for `vhost-user-net`, whose main thread waits on one eventfd for
+/// both signals.
+static DUMP_ASKED: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    DUMP_ASKED.store(true, Ordering::Relaxed);
     let fd = DUMP_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();
@@ -353,10 +359,19 @@ fn serve_vhost_user(args: UserNetArgs) -> Result<i32, Box<dyn std::error::Error>
             result
         })
         .map_err(|e| format!("starting the serving thread: {e}"))?;
-    if STOP_SIGNAL.load(Ordering::Relaxed) == 0 {
+    // SIGUSR1 logs the rings' state (the same eventfd wakes this thread; the flag says why).
+    DUMP_FD.store(woken.as_raw_fd(), Ordering::Relaxed);
+    DUMP_ASKED.store(false, Ordering::Relaxed);
+    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_dump_signal)
+        .map_err(|e| format!("installing the SIGUSR1 handler: {e}"))?;
+    while STOP_SIGNAL.load(Ordering::Relaxed) == 0 && !serving.is_finished() {
         let _ = woken.read();
+        if DUMP_ASKED.swap(false, Ordering::Relaxed) {
+            log::warn!("vhost-user-net: state on SIGUSR1:\n{}", daemon.state());
+        }
     }
     STOP_FD.store(-1, Ordering::Relaxed);
+    DUMP_FD.store(-1, Ordering::Relaxed);
     if args.stats {
         use std::io::Write;
         let _ = write!(

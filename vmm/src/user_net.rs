@@ -139,6 +139,11 @@ impl UserNetDaemon {
         self.server.net.counters()
     }
 
+    /// The pairs' rings as they are now, for a diagnosis.
+    pub fn state(&self) -> tapir_devices::virtio::net::NetState {
+        self.server.net.state()
+    }
+
     /// The server, to run on a thread of its own ([`UserNetServer::serve`]).
     pub fn server(&self) -> UserNetServer {
         self.server.clone()

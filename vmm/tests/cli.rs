@@ -323,6 +323,64 @@ fn vhost_user_net_refuses_what_it_cannot_serve_and_says_what() {
 
 #[test]
 #[ignore = "needs root (a network namespace, veth, macvtap): run by scripts/test"]
+fn a_hostile_frontend_gets_refusals_or_a_closed_socket_and_the_daemon_serves_on() {
+    // vmm/tests/data/hostile_frontend.py connects once per case and sends one kind of nonsense
+    // (garbage, a 4 GiB size, unknown requests, bad memory tables and rings, a hundred refusals in
+    // a row); then an honest GET_FEATURES must still be answered and SIGTERM end the daemon with 0.
+    let dir = scratch_dir("cli-vu-hostile");
+    let frontend = tapir_tests::repo_root().join("vmm/tests/data/hostile_frontend.py");
+    let script = format!(
+        r#"
+{}S={}/vu.sock
+ip netns exec $ns "$TAPIR" vhost-user-net --socket $S --net link=lower0 2>{}/daemon.txt &
+d=$!
+for _ in $(seq 100); do [ -S $S ] && break; sleep 0.05; done
+timeout 120 python3 {} $S
+echo "frontend=$?"
+kill -0 $d && echo "daemon alive"
+kill -TERM $d; wait $d
+echo "status=$?"
+cat {}/daemon.txt >&2
+"#,
+        netns_with_veth("tapir-vuh"),
+        dir.display(),
+        dir.display(),
+        frontend.display(),
+        dir.display()
+    );
+    let out = tapir_sh(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.matches("case ").count(), 16, "{stdout}\n{stderr}");
+    // the nonsense that breaks the messages' framing ends the connection
+    for closed in [
+        "case garbage: closed",
+        "case a size of 4 GiB: closed",
+        "case a wrong version: closed",
+        "case a hundred refused requests: closed",
+    ] {
+        assert!(
+            stdout.contains(closed),
+            "lacks {closed:?}: {stdout}\n{stderr}"
+        );
+    }
+    for wanted in [
+        "honest: features 0x",
+        "frontend=0",
+        "daemon alive",
+        "status=0",
+    ] {
+        assert!(
+            stdout.contains(wanted),
+            "lacks {wanted:?}: {stdout}\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("F_SEAL_SHRINK"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs root (a network namespace, veth, macvtap): run by scripts/test"]
 fn vhost_user_net_serves_on_a_private_socket_and_leaves_nothing_behind() {
     // A daemon on a macvtap it creates: its socket is 0600, a second daemon on the same socket is
     // refused, SIGTERM ends it with status 0, its socket and macvtap gone; a NIC it cannot open is

@@ -1,7 +1,8 @@
 //! Guest-level tests of `tapir vhost-user-net`: QEMU -M microvm (its guest memory a sealed memfd,
 //! shared) as the frontend of Tapir's daemon on the test network's macvtap. The guest moves the
 //! same traffic as in guest_net (ping both ways, 100 MB each way with matching checksums, iperf3,
-//! a driver reset under a TCP stream); then a second QEMU is served by the same daemon, a two-pair
+//! a driver reset under a TCP stream); then a second QEMU is served by the same daemon, a third is
+//! killed (SIGKILL) in the middle of a TCP flood and a fourth is served after it, a two-pair
 //! NIC serves a 2-vCPU guest on both pairs, and SIGTERM ends the daemon leaving no socket, no
 //! process and no macvtap it created.
 
@@ -30,8 +31,11 @@ daemon() {
     for _ in $(seq 100); do [ -S $SOCK ] && break; sleep 0.1; done
 }
 qemu() {
-    local n=$1 cpus=$2 queues=$3 initrd=$4 mq=off
+    local n=$1 cpus=$2 queues=$3 initrd=$4 mq=off watch
     [ "$queues" -gt 1 ] && mq=on
+    # a guest still running after 200 s has gone deaf: the daemon logs its rings (SIGUSR1)
+    ( sleep 200; kill -USR1 $daemon ) 2>/dev/null &
+    watch=$!
     timeout 300 qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem \
         -object memory-backend-memfd,id=mem,size=512M,share=on -enable-kvm -cpu host -smp $cpus -m 512 \
         -nodefaults -no-user-config -display none -no-reboot -serial file:$D/console-$n.txt \
@@ -39,6 +43,9 @@ qemu() {
         -device virtio-net-device,netdev=n0,mac=$MAC,mq=$mq \
         -kernel $K -initrd $initrd -append "console=ttyS0 reboot=t panic=-1 tapir.ip=$GUEST_IP/$PREFIX" \
         </dev/null >$D/qemu-$n.txt 2>&1
+    local status=$?
+    pkill -P $watch 2>/dev/null; kill $watch 2>/dev/null
+    return $status
 }
 "#;
 
@@ -53,10 +60,16 @@ fn qemu_through_the_daemon_carries_the_traffic_and_a_second_qemu_follows() {
         &short_dir,
         "sleep 1\nping -c 3 -W 2 10.77.0.1 && echo PING-SECOND ok\n",
     );
+    let flood_dir = dir.join("flood");
+    std::fs::create_dir_all(&flood_dir).unwrap();
+    let flood = initramfs_with_script(
+        &flood_dir,
+        "sleep 1\necho FLOOD-START\niperf3 -c 10.77.0.1 -t 120 -P 2 >/dev/null 2>&1\n",
+    );
     let kernel = guest_file("bzImage");
     let script = r#"
 set -u
-T=$1 K=$2 I=$3 I2=$4 D=$5 PEER_SERVERS=$6 DAEMON_AND_QEMU=$7
+T=$1 K=$2 I=$3 I2=$4 D=$5 PEER_SERVERS=$6 DAEMON_AND_QEMU=$7 I3=$8
 SOCK=$D/vu.sock
 eval "$(scripts/lib/testnet up gvu)"
 trap 'kill $(jobs -p) 2>/dev/null; scripts/lib/testnet down gvu' EXIT
@@ -79,6 +92,16 @@ echo "UP-PEER $(sha256sum <$D/upload.bin | cut -c1-64)"
 qemu 2 1 1 $I2
 echo "qemu-2-status=$?"
 cat $D/console-2.txt
+# a frontend killed in the middle of a TCP flood; the one after it is served
+qemu 3 1 1 $I3 &
+q=$!
+for _ in $(seq 300); do grep -q "FLOOD-START" $D/console-3.txt 2>/dev/null && break; sleep 0.1; done
+sleep 4
+pkill -KILL -f "console-3.txt" && echo "qemu-3 killed"
+wait $q
+qemu 4 1 1 $I2
+echo "qemu-4-status=$?"
+grep PING-SECOND $D/console-4.txt | sed 's/^/AFTER-KILL /'
 kill -TERM $daemon
 wait $daemon
 echo "daemon-status=$?"
@@ -98,6 +121,7 @@ pgrep -f "vhost-user-net --socket $SOCK" && echo "DAEMON-LEFT" || echo "no daemo
             dir.to_str().unwrap(),
             PEER_SERVERS,
             DAEMON_AND_QEMU,
+            flood.to_str().unwrap(),
         ],
     );
     for wanted in [
@@ -110,6 +134,9 @@ pgrep -f "vhost-user-net --socket $SOCK" && echo "DAEMON-LEFT" || echo "no daemo
         "qemu-1-status=0",
         "PING-SECOND ok",
         "qemu-2-status=0",
+        "qemu-3 killed",
+        "qemu-4-status=0",
+        "AFTER-KILL PING-SECOND ok",
         "tapir: NIC counters",
         "tapir: vhost-user-net: stopped by SIGTERM",
         "daemon-status=0",
@@ -134,7 +161,7 @@ pgrep -f "vhost-user-net --socket $SOCK" && echo "DAEMON-LEFT" || echo "no daemo
         run.stdout
             .matches("vhost-user-net: a frontend connected")
             .count(),
-        2,
+        4,
         "{run}"
     );
 }

@@ -60,7 +60,12 @@ fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> Option<u16> {
         .map(u16::from_le)
 }
 
-fn queue_state(index: usize, q: &Queue, usable: bool, mem: &GuestMemoryMmap) -> QueueState {
+pub(super) fn queue_state(
+    index: usize,
+    q: &Queue,
+    usable: bool,
+    mem: &GuestMemoryMmap,
+) -> QueueState {
     let size = q.size();
     let avail = q.avail_ring();
     let used = q.used_ring();

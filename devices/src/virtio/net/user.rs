@@ -51,6 +51,7 @@ use super::counters::NetCounters;
 use super::device::{rx_index, Pass};
 use super::pair::{PassContext, QueuePair, Scratch};
 use super::rx::RxStash;
+use super::state::{queue_state, NetState};
 use super::{config_space, offered_features, pair_count, rx_frame_max, QUEUE_SIZE};
 use crate::virtio::queue::{needs_interrupt, usable};
 use crate::{info_limited, warn_limited};
@@ -433,6 +434,52 @@ impl<B: NetBackend + 'static> UserNet<B> {
         // (an interrupt owed was for this ring: the frontend reads the used ring itself now)
         pair.owed[side] = false;
         Some(ring.queue.next_avail())
+    }
+
+    /// The pairs' rings as they are now (SIGUSR1 in the daemon logs it), next to what the
+    /// frontend's guest wrote in them: where a guest went deaf, whether a kick or an interrupt
+    /// was missed. A ring the frontend disabled reads as not set up; `interrupt_pending` says an
+    /// interrupt is owed to a ring that has no call eventfd yet.
+    pub fn state(&self) -> NetState {
+        let mut queues = Vec::new();
+        let (mut rx_pending, mut tx_blocked) = (Vec::new(), Vec::new());
+        let (mut owed, mut live, mut attached) = (false, false, 0);
+        let mut broken = None;
+        for p in 0..self.pairs.len() {
+            let pair = self.lock(p);
+            rx_pending.push(pair.pair.rx_pending);
+            tx_blocked.push(pair.pair.tx_blocked);
+            owed |= pair.owed.iter().any(|o| *o);
+            attached += usize::from(pair.attached);
+            if pair.broken {
+                broken = Some(format!("the driver broke pair {p}'s rings"));
+            }
+            let Some(mem) = pair.mem.as_ref() else {
+                continue;
+            };
+            for (side, index) in [(0, rx_index(p)), (1, rx_index(p) + 1)] {
+                if let Some(ring) = &pair.rings[side] {
+                    live = true;
+                    let usable = pair.enabled[side] && usable(&ring.queue, mem);
+                    let mut q = queue_state(index, &ring.queue, usable, mem);
+                    if side == 0 {
+                        q.stashed_chains = pair.stash.chains();
+                        q.stashed_buffers = pair.stash.buffers();
+                    }
+                    queues.push(q);
+                }
+            }
+        }
+        NetState {
+            name: self.name.clone(),
+            active: live,
+            broken,
+            pairs_in_use: attached,
+            rx_pending,
+            tx_blocked,
+            interrupt_pending: owed,
+            queues,
+        }
     }
 
     /// The frontend went away: every ring stops, memory, features and calls are forgotten, the

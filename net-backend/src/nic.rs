@@ -33,6 +33,9 @@ pub enum NicKind {
     Tap(String),
     /// `fd=N`: a ready tap or macvtap fd handed over by the caller.
     Fd(RawFd),
+    /// `vhost-user=PATH`: no host interface of Tapir's: a vhost-user-net backend listening on the
+    /// Unix socket PATH serves the NIC's rings (the VMM connects it; [`Nic::open`] does not).
+    VhostUser(PathBuf),
 }
 
 /// The host's address on a lower device, `ADDR/PREFIX` (IPv4 or IPv6).
@@ -132,6 +135,7 @@ impl std::fmt::Display for NicSpec {
             }
             NicKind::Tap(name) => write!(f, "tap={name}")?,
             NicKind::Fd(fd) => write!(f, "fd={fd}")?,
+            NicKind::VhostUser(path) => write!(f, "vhost-user={}", path.display())?,
         }
         if let Some(mac) = self.mac {
             write!(f, ",mac={mac}")?;
@@ -240,7 +244,7 @@ impl FromStr for NicSpec {
         let mut parts = spec.split(',');
         let first = parts.next().unwrap_or_default();
         let (key, value) = first.split_once('=').ok_or_else(|| {
-            bad("expected macvtap=NAME, link=LOWER, tap=NAME or fd=N first".into())
+            bad("expected macvtap=NAME, link=LOWER, tap=NAME, fd=N or vhost-user=PATH first".into())
         })?;
         if value.is_empty() {
             return Err(bad(format!("{key}= needs a value")));
@@ -251,6 +255,7 @@ impl FromStr for NicSpec {
         let mut host = None;
         let mut vhost = VhostMode::Off;
         let mut coalesce_us = DEFAULT_COALESCE_US;
+        let mut data_plane_options = Vec::new();
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -273,8 +278,12 @@ impl FromStr for NicSpec {
                 }
                 "mode" => mode = Some(v.parse::<MacvtapMode>().map_err(bad)?),
                 "host" => host = Some(v.parse::<HostAddr>().map_err(bad)?),
-                "vhost" => vhost = v.parse::<VhostMode>().map_err(bad)?,
+                "vhost" => {
+                    vhost = v.parse::<VhostMode>().map_err(bad)?;
+                    data_plane_options.push(k);
+                }
                 "coalesce" => {
+                    data_plane_options.push(k);
                     coalesce_us = v
                         .parse::<u32>()
                         .ok()
@@ -310,7 +319,19 @@ impl FromStr for NicSpec {
             }
             _ => {}
         }
-        if !matches!(key, "fd") && value.len() >= libc::IFNAMSIZ {
+        if key == "vhost-user" {
+            if let Some(option) = data_plane_options.first() {
+                return Err(bad(format!(
+                    "{option}= does not go with vhost-user= (the backend at the socket moves the frames)"
+                )));
+            }
+            // sockaddr_un's sun_path: 108 bytes with the terminating NUL
+            if value.len() >= 108 {
+                return Err(bad(format!(
+                    "the socket path {value:?} is longer than a Unix socket's 107 bytes"
+                )));
+            }
+        } else if !matches!(key, "fd") && value.len() >= libc::IFNAMSIZ {
             return Err(bad(format!(
                 "interface name {value:?} is longer than 15 bytes"
             )));
@@ -334,9 +355,10 @@ impl FromStr for NicSpec {
                         ))
                     })?,
             ),
+            "vhost-user" => NicKind::VhostUser(value.into()),
             _ => {
                 return Err(bad(format!(
-                    "unknown kind {key:?}: use macvtap=, link=, tap= or fd="
+                    "unknown kind {key:?}: use macvtap=, link=, tap=, fd= or vhost-user="
                 )))
             }
         };
@@ -590,6 +612,11 @@ impl Nic {
                     host_port: None,
                 })
             }
+            NicKind::VhostUser(_) => Err(NicError::Spec {
+                spec: spec.to_string(),
+                why: "a vhost-user backend is no host interface to open (the VMM connects to it)"
+                    .into(),
+            }),
             NicKind::Fd(fd) => {
                 // Taking ownership of a descriptor that is not open would close whatever gets
                 // that number later (and abort debug builds).
@@ -1111,6 +1138,13 @@ mod tests {
         assert_eq!(ok("tap=tap0,vhost=off,queues=2").vhost, VhostMode::Off);
         assert_eq!(ok("fd=3,coalesce=0").coalesce_us, 0);
         assert_eq!(ok("fd=3,coalesce=250").coalesce_us, 250);
+        let user = ok("vhost-user=/run/net0.sock,queues=2,mac=52:54:00:00:00:01");
+        assert_eq!(user.kind, NicKind::VhostUser("/run/net0.sock".into()));
+        assert_eq!((user.queues, user.mac), (2, Some(mac)));
+        assert_eq!(
+            user.to_string(),
+            "vhost-user=/run/net0.sock,mac=52:54:00:00:00:01,queues=2"
+        );
     }
 
     #[test]
@@ -1135,6 +1169,16 @@ mod tests {
             ("fd=0", "Tapir's own stdio"),
             ("fd=2", "Tapir's own stdio"),
             ("fd=3,queues=2", "hands over one queue"),
+            (
+                "vhost-user=/s,vhost=on",
+                "vhost= does not go with vhost-user=",
+            ),
+            (
+                "vhost-user=/s,coalesce=0",
+                "coalesce= does not go with vhost-user=",
+            ),
+            ("vhost-user=/s,mode=bridge", "mode= only goes with link="),
+            ("vhost-user=", "needs a value"),
             ("link=eth1,host=10.0.0.1", "give ADDR/PREFIX"),
             (
                 "link=eth1,host=10.0.0.300/24",

@@ -13,8 +13,9 @@
 #   just before the VMM starts
 # VMMs: tapir (--net fd=3), tapir-vhost (--net fd=3,vhost=on), qemu (microvm, virtio-net-device,
 # vhost=off), qemu-vhost (vhost=on), qemu-vu (QEMU's vhost-user netdev, its guest RAM a shared memfd,
-# served by Tapir's vhost-user-net daemon, started first; its pid in helper_pid); each gets the
-# macvtap as fd 3 opened on the same /dev/tapN (the daemon in qemu-vu's case).
+# served by Tapir's vhost-user-net daemon, started first; its pid in helper_pid), tapir-vu (Tapir's
+# --net vhost-user= on the same daemon); each gets the macvtap as fd 3 opened on the same /dev/tapN
+# (the daemon in the -vu cases).
 
 qemu_extra=()
 helper_pid=
@@ -47,9 +48,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 # check_vmm VMM: dies unless VMM is one this host can run.
 check_vmm() {
     case "$1" in
-        tapir|tapir-acpi-off|tapir-4k|qemu|qemu-vu) ;;
+        tapir|tapir-acpi-off|tapir-4k|tapir-vu|qemu|qemu-vu) ;;
         qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-acpi-off, tapir-4k, qemu, qemu-vhost or qemu-vu)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-vu, tapir-acpi-off, tapir-4k, qemu, qemu-vhost or qemu-vu)" ;;
     esac
 }
 
@@ -110,17 +111,18 @@ start_vmm() {
     local vmm=$1 t0 t1 line='' c
     rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log" "$work/helper.log"
     mkfifo "$work/mark"
-    if [ "$vmm" = qemu-vu ]; then
-        [ "$qemu_tap" = fd=3 ] || { log "qemu-vu runs on the macvtap only"; return 1; }
+    if [[ "$vmm" == *-vu ]]; then
+        [ "$qemu_tap" = fd=3 ] || { log "$vmm runs on the macvtap only"; return 1; }
         start_helper || return 1
     fi
     # (a trace marker for the start-up figure, where the caller set one up)
     [ -z "${vmm_start_trace:-}" ] || echo "$vmm_start_marker" >"$vmm_start_trace/trace_marker"
     t0=$(date +%s.%N)
     case "$vmm" in
-        tapir|tapir-vhost|tapir-acpi-off|tapir-4k)
+        tapir|tapir-vhost|tapir-vu|tapir-acpi-off|tapir-4k)
             local fd3=$TAP_DEV acpi=on huge=on net=$tapir_net
             [ "$tapir_net" = fd=3 ] || fd3=/dev/null
+            [ "$vmm" != tapir-vu ] || { net=vhost-user=$work/vu.sock fd3=/dev/null; }
             [ "$vmm" = tapir-acpi-off ] && acpi=off
             [ "$vmm" = tapir-4k ] && huge=off
             [ "$vmm" != tapir-vhost ] || net+=,vhost=on

@@ -19,10 +19,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use tapir_devices::virtio::net::VhostError;
-use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions};
+use tapir_net_backend::nic::NicKind;
+use tapir_net_backend::{NicError, NicSpec};
 
 use crate::console::{Console, GuestOutput};
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, HostNic};
 use crate::exit::{ExitLatch, ExitReason};
 use crate::guest_ram;
 use crate::loader::{self, LoadError};
@@ -113,6 +114,12 @@ pub enum BuildError {
     },
     #[error("NIC {spec}: vhost=on needs the host kernel's vhost-net (modprobe vhost_net; /dev/vhost-net readable and writable), or use vhost=off")]
     Vhost {
+        spec: String,
+        #[source]
+        source: VhostError,
+    },
+    #[error("NIC {spec}: its vhost-user backend (is `tapir vhost-user-net` or another backend listening on that socket?)")]
+    VhostUser {
         spec: String,
         #[source]
         source: VhostError,
@@ -282,6 +289,19 @@ impl VmBuilder {
         self
     }
 
+    /// Guest RAM is shared (memfds) where a vhost-user backend must map it.
+    fn sharing(&self) -> guest_ram::Sharing {
+        if self
+            .nets
+            .iter()
+            .any(|n| matches!(n.kind, NicKind::VhostUser(_)))
+        {
+            guest_ram::Sharing::Memfd
+        } else {
+            guest_ram::Sharing::Private
+        }
+    }
+
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
         let what = what.into();
         move |source| BuildError::Io { what, source }
@@ -316,12 +336,13 @@ impl VmBuilder {
             .into_iter()
             .map(|(addr, len)| (GuestAddress(addr), len as usize))
             .collect();
-        let (memory, _) = guest_ram::allocate(&ranges, self.huge_pages).map_err(|source| {
-            BuildError::AllocateMemory {
-                mib: self.memory_mib,
-                source,
-            }
-        })?;
+        let (memory, _) =
+            guest_ram::allocate(&ranges, self.huge_pages, self.sharing()).map_err(|source| {
+                BuildError::AllocateMemory {
+                    mib: self.memory_mib,
+                    source,
+                }
+            })?;
         // The kernel is read on a thread while this one creates the KVM VM; KVM's errors wait
         // until the files, the command line and the NICs have been checked, so that those are
         // reported first. (The VM is created here, not on a helper thread: KVM names its
@@ -394,19 +415,7 @@ impl VmBuilder {
         // error path from here on.
         let mut nics = Vec::with_capacity(self.nets.len());
         for spec in &self.nets {
-            let nic =
-                Nic::open(spec, &OpenOptions::default()).map_err(|source| BuildError::Nic {
-                    spec: spec.to_string(),
-                    source,
-                })?;
-            log::info!(
-                "NIC {spec}: {} mac {} mtu {:?}, {} queue pairs",
-                nic.iface(),
-                nic.mac(),
-                nic.mtu(),
-                nic.queues().len()
-            );
-            nics.push(nic);
+            nics.push(HostNic::open(spec)?);
         }
 
         // KVM's errors only now: a bad kernel, initramfs, command line or NIC is reported first.
@@ -420,7 +429,7 @@ impl VmBuilder {
             start: self.start,
             marked: OnceLock::new(),
         });
-        let filters = Filters::new(self.seccomp)?;
+        let filters = Filters::with(self.seccomp, self.sharing() == guest_ram::Sharing::Memfd)?;
         let console_input = matches!(self.console, Console::Stdio);
         let console_desc = format!("{:?}", self.console);
         let output = GuestOutput::new(self.console, latch.clone(), &filters).map_err(Self::io(

@@ -11,10 +11,11 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use tapir_devices::virtio::mmio::MMIO_WINDOW;
-use tapir_devices::virtio::net::{Net, VhostPair};
+use tapir_devices::virtio::net::{Net, UserLink, UserQueue, VhostPair};
 use tapir_devices::virtio::{Interrupt, MmioTransport};
 use tapir_devices::Bus;
-use tapir_net_backend::{Nic, NicSpec, VhostMode};
+use tapir_net_backend::nic::NicKind;
+use tapir_net_backend::{offload, MacAddr, NetBackend, Nic, NicSpec, OpenOptions, VhostMode};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -86,12 +87,13 @@ impl DeviceManager {
     }
 
     /// Makes a virtio-net device of each NIC (`specs` in the same order), on the kernel's
-    /// vhost-net where its spec asks, and wires it into `vm` and `mmio` at its slot.
+    /// vhost-net where its spec asks or on its vhost-user backend, and wires it into `vm` and
+    /// `mmio` at its slot.
     pub fn attach_nets(
         &self,
         vm: &VmFd,
         memory: &GuestMemoryMmap,
-        nics: &mut [Nic],
+        nics: &mut [HostNic],
         specs: &[NicSpec],
         mmio: &mut Bus,
     ) -> Result<Attached, BuildError> {
@@ -100,43 +102,160 @@ impl DeviceManager {
             net_infos: Vec::new(),
         };
         for (i, ((nic, spec), slot)) in nics.iter_mut().zip(specs).zip(&self.slots).enumerate() {
-            let name = format!("eth{i} ({})", nic.iface());
-            let net = make_net(&name, nic, spec, memory)?;
-            let notifiers = net.queue_evts().map_err(io("cloning queue eventfds"))?;
-            for (queue, evt) in notifiers.iter().enumerate() {
-                vm.register_ioevent(
+            let wiring = Wiring {
+                vm,
+                memory,
+                slot: *slot,
+            };
+            match nic {
+                HostNic::Tap(nic) => {
+                    let name = format!("eth{i} ({})", nic.iface());
+                    let net = make_net(&name, nic, spec, memory)?;
+                    let ends = (nic.mac().to_string(), nic.ifindex());
+                    wiring.attach(net, name, ends, mmio, &mut attached)?;
+                }
+                HostNic::VhostUser(link) => {
+                    let name = format!("eth{i} (vhost-user {})", link.path().display());
+                    let (net, mac) = make_user_net(&name, link, spec)?;
+                    wiring.attach(net, name, (mac.to_string(), None), mmio, &mut attached)?;
+                }
+            }
+        }
+        Ok(attached)
+    }
+}
+
+/// A NIC's host side: a macvtap (or a tap, or a ready fd) Tapir opened, or its connection to a
+/// vhost-user backend. The VM holds it for its Drop: a macvtap created for `link=` is deleted, a
+/// backend sees its frontend go.
+#[derive(Debug)]
+pub(crate) enum HostNic {
+    Tap(Nic),
+    VhostUser(Arc<UserLink>),
+}
+
+impl HostNic {
+    /// Opens the host side `spec` names, or connects to its backend.
+    pub fn open(spec: &NicSpec) -> Result<Self, BuildError> {
+        if let NicKind::VhostUser(path) = &spec.kind {
+            let link =
+                UserLink::connect(path, spec.queues).map_err(|source| BuildError::VhostUser {
+                    spec: spec.to_string(),
+                    source,
+                })?;
+            log::info!(
+                "NIC {spec}: backend offers {:#x}, mac {:?} mtu {:?}, {} queue pairs",
+                link.offered_features(),
+                link.mac().map(MacAddr),
+                link.mtu(),
+                link.pairs()
+            );
+            return Ok(Self::VhostUser(Arc::new(link)));
+        }
+        let nic = Nic::open(spec, &OpenOptions::default()).map_err(|source| BuildError::Nic {
+            spec: spec.to_string(),
+            source,
+        })?;
+        log::info!(
+            "NIC {spec}: {} mac {} mtu {:?}, {} queue pairs",
+            nic.iface(),
+            nic.mac(),
+            nic.mtu(),
+            nic.queues().len()
+        );
+        Ok(Self::Tap(nic))
+    }
+}
+
+/// Where one NIC's device goes: KVM, guest memory, its slot.
+struct Wiring<'a> {
+    vm: &'a VmFd,
+    memory: &'a GuestMemoryMmap,
+    slot: Slot,
+}
+
+impl Wiring<'_> {
+    /// Wires `net` in: its QueueNotify ioeventfds and irqfd, its transport on `mmio`, its handles
+    /// (`ends`: the guest's MAC and the host interface's index, if it has one) in `attached`.
+    fn attach<B: NetBackend + 'static>(
+        &self,
+        net: Net<B>,
+        name: String,
+        ends: (String, Option<u32>),
+        mmio: &mut Bus,
+        attached: &mut Attached,
+    ) -> Result<(), BuildError> {
+        let slot = self.slot;
+        let notifiers = net.queue_evts().map_err(io("cloning queue eventfds"))?;
+        for (queue, evt) in notifiers.iter().enumerate() {
+            self.vm
+                .register_ioevent(
                     evt,
                     &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
                     queue as u32,
                 )
                 .map_err(kvm("registering a queue notification ioeventfd"))?;
-            }
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating an irqfd"))?;
-            vm.register_irqfd(&irqfd, slot.irq)
-                .map_err(kvm("registering a virtio-mmio irqfd"))?;
-            let counters = net.counters();
-            let net = Arc::new(Mutex::new(net));
-            let state_of = net.clone();
-            let link_of = net.clone();
-            attached.net_infos.push(NetInfo {
-                name,
-                mac: nic.mac().to_string(),
-                counters,
-                state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
-                ifindex: nic.ifindex(),
-                set_link: Arc::new(move |up| tapir_devices::bus::lock(&link_of).set_link(up)),
-            });
-            let transport = MmioTransport::new(
-                net.clone(),
-                memory.clone(),
-                Arc::new(Interrupt::new(irqfd)),
-                notifiers,
-            );
-            mmio.insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW)?;
-            attached.subscribers.push(net);
         }
-        Ok(attached)
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io("creating an irqfd"))?;
+        self.vm
+            .register_irqfd(&irqfd, slot.irq)
+            .map_err(kvm("registering a virtio-mmio irqfd"))?;
+        let counters = net.counters();
+        let net = Arc::new(Mutex::new(net));
+        let state_of = net.clone();
+        let link_of = net.clone();
+        attached.net_infos.push(NetInfo {
+            name,
+            mac: ends.0,
+            counters,
+            state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
+            ifindex: ends.1,
+            set_link: Arc::new(move |up| tapir_devices::bus::lock(&link_of).set_link(up)),
+        });
+        let transport = MmioTransport::new(
+            net.clone(),
+            self.memory.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+            notifiers,
+        );
+        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW)?;
+        attached.subscribers.push(net);
+        Ok(())
     }
+}
+
+/// The virtio-net device of a NIC whose vhost-user backend is at the other end of `link`, and the
+/// MAC its guest gets: `mac=` in `spec`, else the one the backend's host side has (a macvtap's,
+/// which the guest must use), else a random local one.
+fn make_user_net(
+    name: &str,
+    link: &Arc<UserLink>,
+    spec: &NicSpec,
+) -> Result<(Net<UserQueue>, MacAddr), BuildError> {
+    let theirs = link.mac().map(MacAddr);
+    let mac = spec.mac.or(theirs).unwrap_or_else(MacAddr::random_local);
+    if let (Some(asked), Some(theirs)) = (spec.mac, theirs) {
+        if asked != theirs {
+            log::warn!(
+                "{name}: mac={asked} differs from the backend's host side ({theirs}): a macvtap there hands the guest no frames addressed to {asked}"
+            );
+        }
+    }
+    let offloads = offload::tun_offloads_for(link.offered_features());
+    let net = Net::new(
+        name,
+        UserQueue::for_pairs(link),
+        mac.0,
+        link.mtu(),
+        offloads,
+    )
+    .and_then(|net| net.with_vhost_user(link))
+    .map_err(io(format!("creating the virtio-net device {name}")))?;
+    log::info!(
+        "{name}: served by the vhost-user backend at {}",
+        link.path().display()
+    );
+    Ok((net, mac))
 }
 
 /// The virtio-net device of `nic`, with its queues on the data plane `spec` asks for.

@@ -121,7 +121,10 @@ struct RunArgs {
     /// `on`: the host kernel's vhost-net does, one /dev/vhost-net per queue pair) and
     /// `,coalesce=US` (Tapir's own data plane: interrupts due within US microseconds of the last
     /// one share it, and TX is polled US later instead of the guest notifying each frame; default
-    /// 100, 0 for none).
+    /// 100, 0 for none). `vhost-user=PATH[,queues=N][,mac=MAC]`: the NIC's rings are served by a
+    /// vhost-user-net backend listening on the Unix socket PATH (`tapir vhost-user-net`, Cloud
+    /// Hypervisor's, a DPDK or OVS switch); guest RAM is then a sealed memfd the backend maps,
+    /// the guest's MAC is the backend's (from its configuration space) unless `mac=` says.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NicSpec>,
     /// Print each NIC's counters (frames, bytes, offloaded frames, notifications, interrupts...)

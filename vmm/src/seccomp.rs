@@ -197,10 +197,18 @@ fn ioctls(kind: Kind) -> Vec<u64> {
     .collect()
 }
 
-fn filter(kind: Kind) -> Result<BpfProgram, SeccompError> {
+/// What a vCPU thread (the driver starts or resets a NIC) and the devices thread (its control
+/// queue enables pairs) send and read on a vhost-user backend's socket: only in a VM that has one.
+const VHOST_USER_CALLS: &[i64] = &[libc::SYS_sendmsg, libc::SYS_recvmsg];
+
+fn filter(kind: Kind, vhost_user: bool) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(kind.name(), e);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &call in BASE.iter().chain(calls(kind)) {
+    let socket = match (kind, vhost_user) {
+        (Kind::Vcpu | Kind::Devices, true) => VHOST_USER_CALLS,
+        _ => &[],
+    };
+    for &call in BASE.iter().chain(calls(kind)).chain(socket) {
         rules.insert(call, Vec::new());
     }
     // fcntl(fd, F_GETFD) only: debug builds of std check that a descriptor is open before they
@@ -247,14 +255,20 @@ pub(crate) struct Filters {
 }
 
 impl Filters {
+    #[cfg(test)]
     pub fn new(level: Seccomp) -> Result<Arc<Self>, SeccompError> {
+        Self::with(level, false)
+    }
+
+    /// The filters of a VM that has a NIC on a vhost-user backend (`vhost_user`) or not.
+    pub fn with(level: Seccomp, vhost_user: bool) -> Result<Arc<Self>, SeccompError> {
         Ok(Arc::new(Self {
             level,
-            vcpu: filter(Kind::Vcpu)?,
-            devices: filter(Kind::Devices)?,
-            console_in: filter(Kind::ConsoleIn)?,
-            console_out: filter(Kind::ConsoleOut)?,
-            main: filter(Kind::Main)?,
+            vcpu: filter(Kind::Vcpu, vhost_user)?,
+            devices: filter(Kind::Devices, vhost_user)?,
+            console_in: filter(Kind::ConsoleIn, false)?,
+            console_out: filter(Kind::ConsoleOut, false)?,
+            main: filter(Kind::Main, false)?,
         }))
     }
 
@@ -487,5 +501,29 @@ mod tests {
             denied_syscall(),
             Some(n) if n == libc::SYS_socket || n == libc::SYS_ioctl
         ));
+    }
+
+    /// sendmsg(2) reaches the kernel from a vCPU or the devices thread only in a VM with a
+    /// vhost-user NIC.
+    #[test]
+    fn vcpus_talk_to_a_vhost_user_backend_only_where_there_is_one() {
+        for (vhost_user, kind) in [true, false]
+            .into_iter()
+            .flat_map(|v| [(v, Kind::Vcpu), (v, Kind::Devices)])
+        {
+            let filters = Filters::with(Seccomp::Threads, vhost_user).unwrap();
+            let t = spawn("seccomp-vu".into(), &filters, kind, move || {
+                // SAFETY: sendmsg on an invalid descriptor with an empty message; nothing is sent.
+                let sent = unsafe {
+                    let msg: libc::msghdr = std::mem::zeroed();
+                    let rc = libc::sendmsg(-1, &msg, 0);
+                    (rc, *libc::__errno_location())
+                };
+                let expected = if vhost_user { libc::EBADF } else { libc::EPERM };
+                assert_eq!(sent, (-1, expected), "vhost_user {vhost_user} {kind:?}");
+            })
+            .unwrap();
+            t.join().expect("the sandboxed thread's checks");
+        }
     }
 }

@@ -14,7 +14,6 @@ use tapir_devices::legacy::SerialPort;
 use tapir_devices::virtio::net::{NetCounters, NetState};
 use tapir_devices::Bus;
 use tapir_net_backend::netlink::{LinkEvent, LinkWatch};
-use tapir_net_backend::Nic;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::BOOT_TIMER_TARGET;
 use crate::console::{InputPump, OutputQueue, RawTerminal};
 use crate::device_loop::DeviceLoop;
+use crate::device_manager::HostNic;
 use crate::exit::{ExitReason, RunReport};
 use crate::kvm_stats::{Stat, VcpuStats};
 use crate::seccomp::{self, Filters, Kind, SeccompError};
@@ -158,7 +158,7 @@ pub(crate) struct Parts {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    pub nics: Vec<Nic>,
+    pub nics: Vec<HostNic>,
     pub net_infos: Vec<NetInfo>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub serial_room: EventFd,
@@ -189,7 +189,7 @@ pub struct Vm {
     stop: StopHandle,
     dump: DumpHandle,
     // Last: a macvtap created for the VM goes when everything using it has gone.
-    _nics: Vec<Nic>,
+    _nics: Vec<HostNic>,
 }
 
 /// Follows the NICs' host interfaces through rtnetlink's link news: one going down or away (a

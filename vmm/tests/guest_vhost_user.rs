@@ -222,3 +222,127 @@ cat $D/daemon.txt
     assert!(run.number("rx_frames") > 0, "{run}");
     assert_eq!(run.number("driver_errors"), 0, "{run}");
 }
+
+#[test]
+#[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
+fn tapir_as_the_frontend_of_the_daemon_carries_the_traffic_and_follows_a_killed_one() {
+    // One daemon (two pairs, on the test network's macvtap) serves Tapir four times: the traffic
+    // guest on one pair; a 2-vCPU guest on both pairs (queues=2); a Tapir killed (SIGKILL) in the
+    // middle of a TCP flood; one more after it. Each Tapir takes the macvtap's MAC from the
+    // daemon's configuration space.
+    let dir = scratch_dir("vu-frontend");
+    let traffic = initramfs_with_script(&dir, GUEST_TRAFFIC);
+    let sub = |name: &str, script: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        initramfs_with_script(&d, script)
+    };
+    let mq = sub(
+        "mq",
+        "echo \"RX-QUEUES $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)\"\n\
+         sleep 1\n\
+         ping -c 3 -W 2 10.77.0.1 && echo PING-MQ ok\n\
+         iperf3 -c 10.77.0.1 -t 3 -P 4 -R | grep -E 'SUM.*receiver' | sed 's/^/TCP-IN-MQ /'\n",
+    );
+    let flood = sub(
+        "flood",
+        "sleep 1\necho FLOOD-START\niperf3 -c 10.77.0.1 -t 120 -P 2 >/dev/null 2>&1\n",
+    );
+    let short = sub(
+        "short",
+        "sleep 1\nping -c 3 -W 2 10.77.0.1 && echo PING-LAST ok\n",
+    );
+    let kernel = guest_file("bzImage");
+    let script = r#"
+set -u
+T=$1 K=$2 I=$3 IMQ=$4 IFLOOD=$5 ISHORT=$6 D=$7 PEER_SERVERS=$8 DAEMON_AND_QEMU=$9
+SOCK=$D/vu.sock
+eval "$(scripts/lib/testnet up gvutf)"
+trap 'kill $(jobs -p) 2>/dev/null; scripts/lib/testnet down gvutf' EXIT
+eval "$PEER_SERVERS"
+eval "$DAEMON_AND_QEMU"
+daemon macvtap=$TAP_NAME,queues=2
+tapir() { # N INITRD OPTIONS...
+    local n=$1 initrd=$2 watch status
+    shift 2
+    # a guest still running after 200 s has gone deaf: Tapir and the daemon log their state
+    ( sleep 200; pkill -USR1 -f "^$T run --kernel $K --initrd $initrd"; kill -USR1 $daemon ) 2>/dev/null &
+    watch=$!
+    ip netns exec $VM_NS timeout 300 "$T" run --kernel $K --initrd $initrd --memory 512 "$@" \
+        --cmdline "console=ttyS0 reboot=k panic=-1 tapir.ip=$GUEST_IP/$PREFIX" \
+        >$D/tapir-$n.txt 2>&1 </dev/null
+    status=$?
+    pkill -P $watch 2>/dev/null; kill $watch 2>/dev/null
+    return $status
+}
+tapir 1 $I --net vhost-user=$SOCK &
+t=$!
+for _ in $(seq 300); do grep -q "^eth0:" $D/tapir-1.txt 2>/dev/null && break; sleep 0.1; done
+ip netns exec $PEER_NS busybox ping -c 3 -W 2 $GUEST_IP && echo "PING-IN ok"
+wait $t
+echo "tapir-1-status=$?"
+cat $D/tapir-1.txt
+echo "UP-PEER $(sha256sum <$D/upload.bin | cut -c1-64)"
+tapir 2 $IMQ --cpus 2 -v --net vhost-user=$SOCK,queues=2
+echo "tapir-2-status=$?"
+cat $D/tapir-2.txt
+tapir 3 $IFLOOD --net vhost-user=$SOCK &
+t=$!
+for _ in $(seq 300); do grep -q "FLOOD-START" $D/tapir-3.txt 2>/dev/null && break; sleep 0.1; done
+sleep 4
+pkill -KILL -f -- "--initrd $IFLOOD" && echo "tapir-3 killed"
+wait $t
+tapir 4 $ISHORT --net vhost-user=$SOCK
+echo "tapir-4-status=$?"
+grep -E "PING-LAST|TAPIR-EXIT" $D/tapir-4.txt
+kill -TERM $daemon
+wait $daemon
+echo "daemon-status=$?"
+cat $D/daemon.txt
+"#;
+    let run = run_script(
+        &dir,
+        script,
+        &[
+            TAPIR,
+            kernel.to_str().unwrap(),
+            traffic.to_str().unwrap(),
+            mq.to_str().unwrap(),
+            flood.to_str().unwrap(),
+            short.to_str().unwrap(),
+            dir.to_str().unwrap(),
+            PEER_SERVERS,
+            DAEMON_AND_QEMU,
+        ],
+    );
+    for wanted in [
+        "2 queue pairs) on ",
+        "served by the vhost-user backend at ",
+        "tapir-1-status=0",
+        "RX-QUEUES 2",
+        "PING-MQ ok",
+        "TCP-IN-MQ ",
+        "pair 1 in use: its macvtap queue attached",
+        "tapir-2-status=0",
+        "tapir-3 killed",
+        "PING-LAST ok",
+        "tapir-4-status=0",
+        "daemon-status=0",
+    ] {
+        assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
+    }
+    check_guest_traffic(&run);
+    assert_eq!(
+        run.stdout
+            .matches("vhost-user-net: a frontend connected")
+            .count(),
+        4,
+        "{run}"
+    );
+    // the daemon moved the 100 MB each way (Tapir runs without --stats: its own counters would
+    // show only what it moved itself, nothing)
+    assert!(run.number("rx_bytes") > 100 << 20, "{run}");
+    assert!(run.number("tx_bytes") > 100 << 20, "{run}");
+    assert_eq!(run.number("driver_errors"), 0, "{run}");
+    assert!(!run.stdout.contains("panicked"), "{run}");
+}

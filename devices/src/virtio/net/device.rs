@@ -12,7 +12,8 @@ use tapir_net_backend::{offload, NetBackend};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -21,6 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::pair::{nonblocking_timer, QueuePair, Scratch};
+use super::user_link::UserLink;
 use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
 use super::{
     config_space, offered_features, rx_frame_max, Malformed, LINK_UP, QUEUE_SIZE, STATUS_AT,
@@ -201,7 +203,33 @@ impl<B: NetBackend> Net<B> {
         Ok(self)
     }
 
-    /// Whether the kernel's vhost-net serves the queue pairs.
+    /// Has a vhost-user backend serve the queue pairs over `link` (the pairs' backends must be
+    /// its [`UserQueue`]s). The guest is offered what the backend offered, and what the device
+    /// itself serves: the MAC, the link status, the MTU and the control queue.
+    pub fn with_vhost_user(mut self, link: &Arc<UserLink>) -> std::io::Result<Self> {
+        if link.pairs() != self.pairs.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a vhost-user link of {} pairs for {} queue pairs",
+                    link.pairs(),
+                    self.pairs.len()
+                ),
+            ));
+        }
+        let own = 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_MQ
+            | 1 << VIRTIO_NET_F_CTRL_VQ;
+        self.avail_features &= link.offered_features() | own;
+        for (p, pair) in self.pairs.iter_mut().enumerate() {
+            pair.vhost = Some(VhostPair::user(link.clone(), p));
+        }
+        Ok(self)
+    }
+
+    /// Whether the kernel's vhost-net (or a vhost-user backend) serves the queue pairs.
     pub fn on_vhost(&self) -> bool {
         self.pairs.iter().any(|p| p.vhost.is_some())
     }

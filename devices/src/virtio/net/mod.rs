@@ -5,6 +5,8 @@
 //! - `pair.rs`: the data plane, one object per queue pair (its backend queue and virtqueues);
 //! - `vhost.rs`: the other data plane, the kernel's vhost-net serving a pair's rings;
 //! - `user.rs`: the same pairs and passes serving a vhost-user frontend's rings (a backend daemon);
+//! - `user_link.rs`: the other way round, a vhost-user backend in another process serving a
+//!   pair's rings (Tapir as the frontend);
 //! - `rx.rs` / `tx.rs`: a pair's passes, `readv`/`writev` straight between the backend and guest
 //!   buffers;
 //! - `event_handler.rs`: the event-loop side (queue notifications, the backend's fd);
@@ -22,6 +24,7 @@ mod rx;
 mod state;
 mod tx;
 mod user;
+mod user_link;
 mod vhost;
 
 #[cfg(test)]
@@ -30,6 +33,8 @@ mod device_tests;
 mod hostile_tests;
 #[cfg(test)]
 mod test_utils;
+#[cfg(test)]
+mod user_link_tests;
 #[cfg(test)]
 mod user_tests;
 
@@ -41,6 +46,7 @@ pub use counters::{NetCounters, NetStats};
 pub use device::{rx_index, tx_index, Net};
 pub use state::{NetState, QueueState};
 pub use user::{UserNet, UserNetHandler};
+pub use user_link::{UserLink, UserQueue, REPLY_TIMEOUT};
 pub use vhost::{VhostError, VhostPair, VHOST_DATA_FEATURES};
 
 /// Most entries of every queue (the driver may choose fewer). 1024, as QEMU's virtio-mmio offers:

@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{rx_index, tx_index, Net};
+use super::vhost::VhostPair;
 
 /// One queue's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub struct QueueState {
     pub stashed_buffers: usize,
     /// The kernel's vhost-net serves the queue: the device's own indexes stay where they started.
     pub in_kernel: bool,
+    /// A vhost-user backend serves it (the same).
+    pub in_backend: bool,
 }
 
 /// The whole device's state.
@@ -85,6 +88,7 @@ pub(super) fn queue_state(
         stashed_chains: 0,
         stashed_buffers: 0,
         in_kernel: false,
+        in_backend: false,
     }
 }
 
@@ -103,8 +107,10 @@ impl<B: NetBackend> Net<B> {
                 rx.stashed_chains = q.rx_stash.chains();
                 rx.stashed_buffers = q.rx_stash.buffers();
                 let mut tx = queue_state(tx_index(pair.number), &q.tx, q.usable, &active.mem);
-                rx.in_kernel = pair.vhost.as_ref().is_some_and(|v| v.running());
-                tx.in_kernel = rx.in_kernel;
+                let running = pair.vhost.as_ref().filter(|v| v.running());
+                rx.in_kernel = running.is_some_and(|v| !v.is_user());
+                rx.in_backend = running.is_some_and(VhostPair::is_user);
+                (tx.in_kernel, tx.in_backend) = (rx.in_kernel, rx.in_backend);
                 queues.push(rx);
                 queues.push(tx);
             }
@@ -152,10 +158,11 @@ impl fmt::Display for NetState {
                 "  queue {}: size {}{}, device avail {} used {}, guest avail idx {} used idx {}",
                 q.index,
                 q.size,
-                match (q.usable, q.in_kernel) {
-                    (false, _) => " (not set up)",
-                    (true, true) => " (served by vhost-net)",
-                    (true, false) => "",
+                match (q.usable, q.in_kernel, q.in_backend) {
+                    (false, _, _) => " (not set up)",
+                    (true, true, _) => " (served by vhost-net)",
+                    (true, false, true) => " (served by its vhost-user backend)",
+                    (true, false, false) => "",
                 },
                 q.next_avail,
                 q.next_used,

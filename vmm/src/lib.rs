@@ -48,7 +48,7 @@ pub use builder::{
 pub use console::Console;
 pub use exit::{ExitReason, RunReport};
 pub use loader::LoadError;
-pub use seccomp::{Seccomp, SeccompError};
+pub use seccomp::{Seccomp, SeccompError, StopOnDenial};
 pub use tapir_net_backend::{NicSpec, VhostMode};
 pub use user_net::{UserNetDaemon, UserNetError, UserNetServer};
 pub use vm::{DumpHandle, NetInfo, RunError, StopHandle, Vm, QUEUE_STATE_TARGET};

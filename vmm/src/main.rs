@@ -81,6 +81,11 @@ struct UserNetArgs {
     /// Print the NIC's counters when the daemon stops.
     #[arg(long)]
     stats: bool,
+    /// Run the daemon's pair and serving threads under seccomp allow-lists of the system calls
+    /// they need (`on`); a call outside them fails and stops the daemon with a message naming
+    /// it. `off` is for debugging.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = ArgAction::Set)]
+    seccomp: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -344,30 +349,31 @@ fn serve_vhost_user(args: UserNetArgs) -> Result<i32, Box<dyn std::error::Error>
     // SAFETY: umask only changes this process's file creation mask; the socket is the only file
     // the daemon creates.
     unsafe { libc::umask(!args.socket_mode & 0o777) };
-    let daemon = tapir::UserNetDaemon::new(&args.socket, &args.net)?;
+    let seccomp = if args.seccomp {
+        tapir::Seccomp::Threads
+    } else {
+        tapir::Seccomp::Off
+    };
+    let daemon = tapir::UserNetDaemon::new(&args.socket, &args.net, seccomp)?;
     say(&format!(
         "vhost-user-net: serving {} on {}",
         daemon.description(),
         args.socket.display()
     ));
-    let server = daemon.server();
     let wake = woken
         .try_clone()
         .map_err(|e| format!("cloning an eventfd: {e}"))?;
-    let serving = std::thread::Builder::new()
-        .name("tapir-vu-serve".into())
-        .spawn(move || {
-            let result = server.serve();
-            let _ = wake.write(1);
-            result
-        })
-        .map_err(|e| format!("starting the serving thread: {e}"))?;
+    let (serving, _denials) = daemon.serve_on_thread(wake, woken.as_raw_fd())?;
+    let ended = || serving.lock().map_or(true, |slot| slot.is_some());
     // SIGUSR1 logs the rings' state (the same eventfd wakes this thread; the flag says why).
     DUMP_FD.store(woken.as_raw_fd(), Ordering::Relaxed);
     DUMP_ASKED.store(false, Ordering::Relaxed);
     vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_dump_signal)
         .map_err(|e| format!("installing the SIGUSR1 handler: {e}"))?;
-    while STOP_SIGNAL.load(Ordering::Relaxed) == 0 && !serving.is_finished() {
+    while STOP_SIGNAL.load(Ordering::Relaxed) == 0
+        && !ended()
+        && tapir::UserNetDaemon::denied_syscall().is_none()
+    {
         let _ = woken.read();
         if DUMP_ASKED.swap(false, Ordering::Relaxed) {
             log::warn!("vhost-user-net: state on SIGUSR1:\n{}", daemon.state());
@@ -386,13 +392,14 @@ fn serve_vhost_user(args: UserNetArgs) -> Result<i32, Box<dyn std::error::Error>
     // The socket, the pairs' threads and a macvtap created for link= go with the daemon; a
     // frontend still connected sees its socket close when the process ends.
     drop(daemon);
+    if let Some(call) = tapir::UserNetDaemon::denied_syscall() {
+        return Err(tapir::UserNetError::Denied(call).into());
+    }
     let signal = STOP_SIGNAL.load(Ordering::Relaxed);
     if signal == 0 {
         // woken by the serving thread: it can only have failed
-        return Err(match serving.join() {
-            Ok(Err(e)) => e.into(),
-            _ => "the serving thread ended".into(),
-        });
+        let failed = serving.lock().ok().and_then(|mut slot| slot.take());
+        return Err(failed.map_or_else(|| "the serving thread ended".into(), Into::into));
     }
     Ok(signal)
 }
@@ -540,6 +547,7 @@ mod tests {
         assert_eq!(a.socket_mode, 0o600, "owner only by default");
         assert_eq!(a.net.to_string(), "link=lower0,mode=bridge");
         assert!(!a.stats);
+        assert!(a.seccomp, "sandboxed by default");
         let cli = parse(&[
             "vhost-user-net",
             "--socket",
@@ -548,12 +556,15 @@ mod tests {
             "macvtap=mvt0,queues=2",
             "--socket-mode",
             "660",
+            "--seccomp",
+            "off",
         ])
         .unwrap();
         let Command::VhostUserNet(a) = cli.command else {
             panic!("not vhost-user-net");
         };
         assert_eq!(a.socket_mode, 0o660);
+        assert!(!a.seccomp);
         for bad in ["8", "1000", "rw", ""] {
             let err = parse(&[
                 "vhost-user-net",

@@ -61,6 +61,10 @@ pub(crate) enum Kind {
     ConsoleIn,
     ConsoleOut,
     Main,
+    /// `tapir vhost-user-net`: a queue pair's thread (the frontend's rings and the macvtap).
+    UserPair,
+    /// `tapir vhost-user-net`: the thread that takes a frontend's connection and messages.
+    UserServer,
 }
 
 impl Kind {
@@ -71,6 +75,8 @@ impl Kind {
             Kind::ConsoleIn => "console input",
             Kind::ConsoleOut => "console output",
             Kind::Main => "main",
+            Kind::UserPair => "vhost-user pair",
+            Kind::UserServer => "vhost-user server",
         }
     }
 }
@@ -139,6 +145,26 @@ fn calls(kind: Kind) -> &'static [i64] {
         ],
         Kind::ConsoleIn => &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll],
         Kind::ConsoleOut => &[],
+        // epoll, eventfds (kicks, its yield and exit eventfds; the frontend's call eventfds take
+        // `write`), frames on the macvtap.
+        Kind::UserPair => &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_writev,
+        ],
+        // A frontend's connection and its messages (with descriptors), the memory regions it
+        // shares (their file's size and seals, mapped with `mmap`), the pairs' epoll sets.
+        Kind::UserServer => &[
+            libc::SYS_accept4,
+            libc::SYS_accept,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_statx,
+            libc::SYS_fstat,
+            libc::SYS_epoll_ctl,
+        ],
         // The event loop, KVM's statistics, kicking and joining threads, the terminal, and the
         // netlink socket that deletes a macvtap Tapir created.
         Kind::Main => &[
@@ -187,6 +213,10 @@ fn ioctls(kind: Kind) -> Vec<u64> {
             VHOST_NET_SET_BACKEND(),
         ],
         Kind::Devices => vec![TUNSETOFFLOAD(), TUNSETQUEUE()],
+        // a pair's macvtap queue attached when the driver first uses it
+        Kind::UserPair => vec![TUNSETQUEUE()],
+        // offloads from the features a frontend acked; queues detached when it goes
+        Kind::UserServer => vec![TUNSETOFFLOAD(), TUNSETQUEUE()],
         // TCSETS restores the terminal; KVM_GET_IRQCHIP reads the IOAPIC for a queue-state dump
         Kind::Main => vec![libc::TCSETS, KVM_GET_IRQCHIP()],
         Kind::ConsoleIn | Kind::ConsoleOut => Vec::new(),
@@ -212,16 +242,17 @@ fn filter(kind: Kind, vhost_user: bool) -> Result<BpfProgram, SeccompError> {
         rules.insert(call, Vec::new());
     }
     // fcntl(fd, F_GETFD) only: debug builds of std check that a descriptor is open before they
-    // close it.
-    let getfd = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_GETFD as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(build)?;
-    rules.insert(libc::SYS_fcntl, vec![getfd]);
+    // close it. The vhost-user server also reads a shared memory file's seals (F_GET_SEALS).
+    let fcntl = |command: i32| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, command as u64)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(build)
+    };
+    let mut fcntls = vec![fcntl(libc::F_GETFD)?];
+    if kind == Kind::UserServer {
+        fcntls.push(fcntl(libc::F_GET_SEALS)?);
+    }
+    rules.insert(libc::SYS_fcntl, fcntls);
     if let Some(ioctl_rules) = rules.get_mut(&libc::SYS_ioctl) {
         *ioctl_rules = ioctls(kind)
             .into_iter()
@@ -252,6 +283,17 @@ pub(crate) struct Filters {
     console_in: BpfProgram,
     console_out: BpfProgram,
     main: BpfProgram,
+    /// The vhost-user daemon's pair and server threads', where built ([`Filters::daemon`]).
+    user: Option<[BpfProgram; 2]>,
+}
+
+impl std::fmt::Debug for Filters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filters")
+            .field("level", &self.level)
+            .field("daemon", &self.user.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Filters {
@@ -262,14 +304,32 @@ impl Filters {
 
     /// The filters of a VM that has a NIC on a vhost-user backend (`vhost_user`) or not.
     pub fn with(level: Seccomp, vhost_user: bool) -> Result<Arc<Self>, SeccompError> {
-        Ok(Arc::new(Self {
+        Self::build(level, vhost_user, false).map(Arc::new)
+    }
+
+    /// The filters of `tapir vhost-user-net`'s threads (its main thread runs unfiltered: it
+    /// handles no frontend's data).
+    pub fn daemon(level: Seccomp) -> Result<Arc<Self>, SeccompError> {
+        Self::build(level, false, true).map(Arc::new)
+    }
+
+    fn build(level: Seccomp, vhost_user: bool, daemon: bool) -> Result<Self, SeccompError> {
+        Ok(Self {
             level,
             vcpu: filter(Kind::Vcpu, vhost_user)?,
             devices: filter(Kind::Devices, vhost_user)?,
             console_in: filter(Kind::ConsoleIn, false)?,
             console_out: filter(Kind::ConsoleOut, false)?,
             main: filter(Kind::Main, false)?,
-        }))
+            user: if daemon {
+                Some([
+                    filter(Kind::UserPair, false)?,
+                    filter(Kind::UserServer, false)?,
+                ])
+            } else {
+                None
+            },
+        })
     }
 
     fn program(&self, kind: Kind) -> Option<&BpfProgram> {
@@ -277,13 +337,18 @@ impl Filters {
             Kind::Main => self.level == Seccomp::All,
             _ => self.level != Seccomp::Off,
         };
-        on.then_some(match kind {
-            Kind::Vcpu => &self.vcpu,
-            Kind::Devices => &self.devices,
-            Kind::ConsoleIn => &self.console_in,
-            Kind::ConsoleOut => &self.console_out,
-            Kind::Main => &self.main,
-        })
+        if !on {
+            return None;
+        }
+        match kind {
+            Kind::Vcpu => Some(&self.vcpu),
+            Kind::Devices => Some(&self.devices),
+            Kind::ConsoleIn => Some(&self.console_in),
+            Kind::ConsoleOut => Some(&self.console_out),
+            Kind::Main => Some(&self.main),
+            Kind::UserPair => self.user.as_ref().map(|u| &u[0]),
+            Kind::UserServer => self.user.as_ref().map(|u| &u[1]),
+        }
     }
 
     /// Puts the calling thread under the allow-list of `kind` (nothing when the level says so).
@@ -352,8 +417,10 @@ thread_local! {
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 static DENIED: AtomicI64 = AtomicI64::new(-1);
 
-/// While it lives, a system call refused by a filter stops the VM through the eventfd `fd`.
-pub(crate) struct StopOnDenial(());
+/// While it lives, a system call refused by a filter stops the VM (or the vhost-user daemon)
+/// through the eventfd `fd`.
+#[derive(Debug)]
+pub struct StopOnDenial(());
 
 impl StopOnDenial {
     pub fn new(fd: i32) -> Self {

@@ -12,7 +12,7 @@ use tapir_devices::virtio::net::{NetCounters, UserNet, UserNetHandler};
 use tapir_net_backend::{Nic, NicError, NicSpec, OpenOptions, TapQueue, VhostMode};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
-use crate::seccomp::THREAD_STACK;
+use crate::seccomp::{self, Filters, Kind, Seccomp, SeccompError, StopOnDenial};
 
 /// Requests refused one after the other before a frontend is disconnected: a frontend that keeps
 /// sending what the backend refuses is not going to work, and must not keep a thread busy.
@@ -47,7 +47,16 @@ pub enum UserNetError {
     },
     #[error("starting the queue pairs' threads")]
     Threads(#[source] std::io::Error),
+    #[error("starting the serving thread")]
+    ServerThread(#[source] std::io::Error),
+    #[error("setting up the sandbox")]
+    Seccomp(#[from] SeccompError),
+    #[error("a thread made system call {0}, which its seccomp allow-list lacks (run with --seccomp off to see whether it is the sandbox's fault)")]
+    Denied(i64),
 }
+
+/// Where the serving thread leaves the error it ended with.
+pub type ServerEnd = Arc<Mutex<Option<UserNetError>>>;
 
 /// The backend of one NIC and where it is served, with the NIC's host side: dropping it stops
 /// the pairs' threads and deletes a macvtap created for `link=`, whatever thread still serves
@@ -56,6 +65,7 @@ pub enum UserNetError {
 pub struct UserNetDaemon {
     server: UserNetServer,
     description: String,
+    filters: Arc<Filters>,
     /// Held for its Drop: a macvtap created for `link=` goes with it.
     _nic: Nic,
 }
@@ -69,9 +79,11 @@ pub struct UserNetServer {
 }
 
 impl UserNetDaemon {
-    /// Opens the NIC `spec` names, makes its device, starts its pairs' threads and listens on
-    /// `socket` (with the process's umask deciding its mode).
-    pub fn new(socket: &Path, spec: &NicSpec) -> Result<Self, UserNetError> {
+    /// Opens the NIC `spec` names, makes its device, starts its pairs' threads (each under its
+    /// seccomp allow-list, as `seccomp` says) and listens on `socket` (with the process's umask
+    /// deciding its mode).
+    pub fn new(socket: &Path, spec: &NicSpec, seccomp: Seccomp) -> Result<Self, UserNetError> {
+        let filters = Filters::daemon(seccomp)?;
         if spec.vhost == VhostMode::On {
             return Err(UserNetError::VhostOn(spec.to_string()));
         }
@@ -121,12 +133,53 @@ impl UserNetDaemon {
                 net: net.clone(),
             },
             description,
+            filters,
             _nic: nic,
         };
         // (dropping `daemon` on this error stops the threads that did start)
-        net.spawn_workers(THREAD_STACK)
+        for p in 0..net.pair_count() {
+            let net = net.clone();
+            seccomp::spawn(
+                format!("tapir-vu-p{p}"),
+                &daemon.filters,
+                Kind::UserPair,
+                move || net.run_pair(p),
+            )
             .map_err(UserNetError::Threads)?;
+        }
         Ok(daemon)
+    }
+
+    /// Serves frontends on a thread of its own, under its allow-list, until accepting fails;
+    /// `done` is written when it ends, and the error it ended with is left in the returned slot.
+    /// A system call the sandbox refused in any of the daemon's threads writes `stop` (the
+    /// guard returned must live as long as the daemon serves).
+    pub fn serve_on_thread(
+        &self,
+        done: vmm_sys_util::eventfd::EventFd,
+        stop: i32,
+    ) -> Result<(ServerEnd, StopOnDenial), UserNetError> {
+        let guard = StopOnDenial::new(stop);
+        let slot = Arc::new(Mutex::new(None));
+        let (server, ended) = (self.server(), slot.clone());
+        seccomp::spawn(
+            "tapir-vu-serve".into(),
+            &self.filters,
+            Kind::UserServer,
+            move || {
+                if let Err(e) = server.serve() {
+                    *ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+                let _ = done.write(1);
+            },
+        )
+        .map_err(UserNetError::ServerThread)?;
+        Ok((slot, guard))
+    }
+
+    /// The system call the sandbox refused, if one was.
+    pub fn denied_syscall() -> Option<i64> {
+        seccomp::denied_syscall()
     }
 
     /// What is served: the host interface, its MAC (the frontend's guest must use it) and pairs.

@@ -212,6 +212,19 @@ impl<B: NetBackend + 'static> UserNet<B> {
         self.counters.clone()
     }
 
+    /// Queue pairs the device has.
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Serves pair `p` on the calling thread until [`Self::stop_workers`] (a VMM that sandboxes
+    /// its threads starts them itself; [`Self::spawn_workers`] does it plainly).
+    pub fn run_pair(&self, p: usize) {
+        if p < self.pairs.len() {
+            self.work(p);
+        }
+    }
+
     /// Starts one thread per pair (named `tapir-vu-pN`), serving it until [`Self::stop_workers`].
     pub fn spawn_workers(
         self: &Arc<Self>,

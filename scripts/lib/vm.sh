@@ -15,7 +15,7 @@
 # vhost=off), qemu-vhost (vhost=on), qemu-vu (QEMU's vhost-user netdev, its guest RAM a shared memfd,
 # served by Tapir's vhost-user-net daemon, started first; its pid in helper_pid), tapir-vu (Tapir's
 # --net vhost-user= on the same daemon); each gets the macvtap as fd 3 opened on the same /dev/tapN
-# (the daemon in the -vu cases).
+# (the daemon in the -vu cases; qemu-vu-nc: qemu-vu with the daemon's coalescing off).
 
 qemu_extra=()
 helper_pid=
@@ -48,9 +48,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 # check_vmm VMM: dies unless VMM is one this host can run.
 check_vmm() {
     case "$1" in
-        tapir|tapir-acpi-off|tapir-4k|tapir-vu|qemu|qemu-vu) ;;
+        tapir|tapir-acpi-off|tapir-4k|tapir-vu|qemu|qemu-vu|qemu-vu-nc) ;;
         qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-vu, tapir-acpi-off, tapir-4k, qemu, qemu-vhost or qemu-vu)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-vu, tapir-acpi-off, tapir-4k, qemu, qemu-vhost, qemu-vu or qemu-vu-nc)" ;;
     esac
 }
 
@@ -111,7 +111,7 @@ start_vmm() {
     local vmm=$1 t0 t1 line='' c
     rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log" "$work/helper.log"
     mkfifo "$work/mark"
-    if [[ "$vmm" == *-vu ]]; then
+    if [[ "$vmm" == *-vu || "$vmm" == *-vu-nc ]]; then
         [ "$qemu_tap" = fd=3 ] || { log "$vmm runs on the macvtap only"; return 1; }
         start_helper || return 1
     fi
@@ -129,12 +129,12 @@ start_vmm() {
             ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
-        qemu|qemu-vhost|qemu-vu)
+        qemu|qemu-vhost|qemu-vu|qemu-vu-nc)
             local vhost=off fd3=$TAP_DEV machine="microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi"
             local netdev=(-netdev "tap,id=n0,$qemu_tap,vhost=$vhost")
             [ "$qemu_tap" = fd=3 ] || fd3=/dev/null
             [ "$vmm" = qemu-vhost ] && netdev=(-netdev "tap,id=n0,$qemu_tap,vhost=on")
-            if [ "$vmm" = qemu-vu ]; then
+            if [[ "$vmm" == qemu-vu* ]]; then
                 fd3=/dev/null machine+=",memory-backend=mem"
                 netdev=(-object "memory-backend-memfd,id=mem,size=${mem_mib}M,share=on"
                     -chardev "socket,id=vu,path=$work/vu.sock" -netdev vhost-user,id=n0,chardev=vu)
@@ -176,7 +176,10 @@ vmm_rest_of_log() {
 start_helper() {
     local i
     rm -f "$work/vu.sock"
-    ip netns exec "$VM_NS" "$tapir" vhost-user-net --socket "$work/vu.sock" --net fd=3 --stats \
+    local spec=fd=3
+    # (qemu-vu-nc: the daemon without coalescing)
+    [[ "$vmm" != *-nc ]] || spec+=,coalesce=0
+    ip netns exec "$VM_NS" "$tapir" vhost-user-net --socket "$work/vu.sock" --net "$spec" --stats \
         3<>"$TAP_DEV" </dev/null >"$work/helper.log" 2>&1 &
     helper_pid=$!
     for i in $(seq 100); do

@@ -118,7 +118,10 @@ impl UserNetDaemon {
         .map_err(|source| UserNetError::Device {
             spec: spec.to_string(),
             source,
-        })?;
+        })?
+        .with_coalescing(std::time::Duration::from_micros(u64::from(
+            spec.coalesce_us,
+        )));
         let net = Arc::new(net);
         // a stale socket (its daemon is gone: nothing answered above) is replaced
         let _ = std::fs::remove_file(socket);

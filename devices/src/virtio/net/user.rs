@@ -28,6 +28,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tapir_net_backend::{offload, NetBackend};
 use vhost::vhost_user::message::{
@@ -46,10 +47,11 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
 use super::device::{rx_index, Pass};
-use super::pair::{PassContext, QueuePair, Scratch};
+use super::pair::{nonblocking_timer, PassContext, QueuePair, Scratch};
 use super::rx::RxStash;
 use super::state::{queue_state, NetState};
 use super::{config_space, offered_features, pair_count, rx_frame_max, QUEUE_SIZE};
@@ -62,6 +64,10 @@ const TX_KICK: u64 = 1;
 const BACKEND: u64 = 2;
 const AGAIN: u64 = 3;
 const EXIT: u64 = 4;
+/// The pair's interrupt moderation window ended.
+const MODERATION: u64 = 5;
+/// The pair's TX poll is due (TX coalescing).
+const TX_POLL: u64 = 6;
 
 /// Most memory regions a frontend may share (QEMU sends at most 8 in one table).
 const MAX_REGIONS: usize = 32;
@@ -103,6 +109,11 @@ struct UserPair<B> {
     /// Passes due again, RX then TX (one that ran out of budget, a ring just started or
     /// enabled); the pair's `again` eventfd wakes its thread for them.
     again: [bool; 2],
+    /// Interrupt moderation (see [`UserNet::with_coalescing`]): when the pair last signalled
+    /// the guest, the interrupts waiting for `moderation` to fire (RX then TX), and the timer.
+    last_irq: Option<Instant>,
+    deferred: [bool; 2],
+    moderation: TimerFd,
 }
 
 /// A pair, its lock, and what its thread waits on.
@@ -122,6 +133,8 @@ pub struct UserNet<B> {
     mtu: u16,
     counters: Arc<NetCounters>,
     stopping: AtomicBool,
+    /// The coalescing window (zero: none), as the built-in device's `coalesce=`.
+    coalescing: Duration,
 }
 
 impl<B> std::fmt::Debug for UserNet<B> {
@@ -173,6 +186,9 @@ impl<B: NetBackend + 'static> UserNet<B> {
                     broken: false,
                     attached: true,
                     again: [false, false],
+                    last_irq: None,
+                    deferred: [false, false],
+                    moderation: nonblocking_timer()?,
                 }),
                 epoll: Epoll::new()?,
                 again: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -191,6 +207,8 @@ impl<B: NetBackend + 'static> UserNet<B> {
                 )?;
                 add(slot.again.as_raw_fd(), EventSet::IN, AGAIN)?;
                 add(slot.exit.as_raw_fd(), EventSet::IN, EXIT)?;
+                add(state.moderation.as_raw_fd(), EventSet::IN, MODERATION)?;
+                add(state.pair.tx_timer.as_raw_fd(), EventSet::IN, TX_POLL)?;
             }
             slots.push(slot);
         }
@@ -202,9 +220,21 @@ impl<B: NetBackend + 'static> UserNet<B> {
             mtu: mtu_value,
             counters: Arc::new(NetCounters::default()),
             stopping: AtomicBool::new(false),
+            coalescing: Duration::ZERO,
         };
         net.detach_all_but_first();
         Ok(net)
+    }
+
+    /// Coalesces as the built-in device does with `coalesce=` (before the pairs' threads start):
+    /// a pair whose guest took an interrupt less than `window` ago gets the next at the end of
+    /// that window, with whatever else became due in it; and a TX pass that sent frames leaves
+    /// the guest's notifications off and polls the ring again `window` later. A frontend's
+    /// interrupt costs more than one Tapir injects itself (QEMU relays a virtio-mmio device's
+    /// through its main loop), so fewer of them count. Zero turns it off (the default).
+    pub fn with_coalescing(mut self, window: Duration) -> Self {
+        self.coalescing = window;
+        self
     }
 
     /// The device's counters (frames, bytes, refused chains...), shared.
@@ -323,6 +353,29 @@ impl<B: NetBackend + 'static> UserNet<B> {
                             self.serve(p, false);
                         }
                     }
+                    MODERATION => {
+                        let mut guard = self.lock(p);
+                        let pair = &mut *guard;
+                        let _ = pair.moderation.wait();
+                        let due = std::mem::take(&mut pair.deferred);
+                        pair.last_irq = None;
+                        for side in (0..2).filter(|s| due[*s]) {
+                            self.signal(p, pair, side);
+                        }
+                        if due.iter().any(|d| *d) {
+                            pair.last_irq = Some(Instant::now());
+                        }
+                    }
+                    TX_POLL => {
+                        let polling = {
+                            let mut pair = self.lock(p);
+                            let _ = pair.pair.tx_timer.wait();
+                            std::mem::take(&mut pair.pair.tx_polling)
+                        };
+                        if polling {
+                            self.serve(p, false);
+                        }
+                    }
                     _ => return,
                 }
             }
@@ -374,8 +427,7 @@ impl<B: NetBackend + 'static> UserNet<B> {
             counters: &self.counters,
             mrg_rxbuf: pair.acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_frame_max: rx_frame_max(pair.acked, self.mtu),
-            // (a frontend's notification costs this side no VM exit: no TX polling)
-            tx_poll: false,
+            tx_poll: !self.coalescing.is_zero(),
         };
         let (pass, used_any) = if rx {
             pair.pair
@@ -384,6 +436,15 @@ impl<B: NetBackend + 'static> UserNet<B> {
             pair.pair
                 .tx_pass_on(&mut ring.queue, &ctx, &mut pair.scratch)
         };
+        if !rx && pair.pair.tx_polling {
+            // the guest's notifications stay off until a poll finds the ring empty
+            if let Err(e) = pair.pair.tx_timer.reset(self.coalescing, None) {
+                warn_limited!("{}: pair {p}: arming the TX poll: {e}", self.name);
+                pair.pair.tx_polling = false;
+                pair.again[side] = true;
+                self.wake(p);
+            }
+        }
         match pass {
             Pass::Done => {}
             Pass::Yield => {
@@ -411,8 +472,37 @@ impl<B: NetBackend + 'static> UserNet<B> {
             ring.queue.needs_notification(mem).unwrap_or(true)
         };
         if wants {
-            self.signal(p, pair, side);
+            self.raise(p, pair, side);
         }
+    }
+
+    /// Raises the guest's interrupt for pair `p`'s ring `side` now, or at the end of the pair's
+    /// moderation window (merged with the others due by then).
+    fn raise(&self, p: usize, pair: &mut UserPair<B>, side: usize) {
+        if pair.deferred.iter().any(|d| *d) {
+            if std::mem::replace(&mut pair.deferred[side], true) {
+                NetCounters::add(&self.counters.interrupts_merged, 1);
+            }
+            return;
+        }
+        let now = Instant::now();
+        if let Some(wait) = pair
+            .last_irq
+            .and_then(|last| (last + self.coalescing).checked_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+        {
+            match pair.moderation.reset(wait, None) {
+                Ok(()) => {
+                    pair.deferred[side] = true;
+                    return;
+                }
+                Err(e) => {
+                    warn_limited!("{}: pair {p}: arming the moderation timer: {e}", self.name)
+                }
+            }
+        }
+        pair.last_irq = Some(now);
+        self.signal(p, pair, side);
     }
 
     /// Raises the guest's interrupt for pair `p`'s ring `side` through its call eventfd, or owes
@@ -444,8 +534,13 @@ impl<B: NetBackend + 'static> UserNet<B> {
             pair.rx_decided_at = 0;
         }
         pair.broken = false;
-        // (an interrupt owed was for this ring: the frontend reads the used ring itself now)
+        // (an interrupt owed or deferred was for this ring: the frontend reads the used ring
+        // itself now)
         pair.owed[side] = false;
+        pair.deferred[side] = false;
+        if side == 1 {
+            pair.pair.tx_polling = false;
+        }
         Some(ring.queue.next_avail())
     }
 

@@ -52,8 +52,17 @@ fn region(size: u64) -> VhostUserMemoryRegion {
 
 /// A one-pair backend on a socketpair (MTU `mtu`), with the peer's end of it.
 fn device(mtu: Option<u16>) -> (Arc<UserNet<SocketpairBackend>>, UnixDatagram) {
+    coalescing_device(mtu, Duration::ZERO)
+}
+
+fn coalescing_device(
+    mtu: Option<u16>,
+    window: Duration,
+) -> (Arc<UserNet<SocketpairBackend>>, UnixDatagram) {
     let (backend, peer) = SocketpairBackend::pair(0).unwrap();
-    let net = UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], mtu, 0).unwrap();
+    let net = UserNet::new("vu-test", vec![backend], [2, 0, 0, 0, 0, 1], mtu, 0)
+        .unwrap()
+        .with_coalescing(window);
     (Arc::new(net), peer)
 }
 
@@ -72,7 +81,12 @@ impl Frontend {
     /// A backend with one pair, its memory table set from a sealed memfd, rings set up at
     /// 0x0/0x4000 (size 256), features `acked`, both rings started and its thread running.
     fn started(acked: u64) -> Self {
-        let (net, peer) = device(None);
+        Self::coalescing(acked, Duration::ZERO)
+    }
+
+    /// [`Self::started`] with the backend coalescing over `window`.
+    fn coalescing(acked: u64, window: Duration) -> Self {
+        let (net, peer) = coalescing_device(None, window);
         net.spawn_workers(256 << 10).unwrap();
         let mut handler = UserNetHandler::new(net.clone());
         let file = memfd(MEM, true);
@@ -396,4 +410,41 @@ fn an_interrupt_due_before_the_frontend_hands_over_its_call_eventfd_is_delivered
     // owed once, not again
     f.handler.set_vring_call(0, Some(dup(&call))).unwrap();
     assert!(call.read().is_err());
+}
+
+#[test]
+fn coalescing_holds_a_second_interrupt_to_the_window_and_polls_tx() {
+    let f = Frontend::coalescing(V1, Duration::from_millis(500));
+    let frame = vec![0u8; HDR_LEN + 60];
+    let send = |head: u16, kick: bool| {
+        let at = BUFS + 0x1000 * u64::from(head);
+        f.tx.mem_write(at, &frame);
+        f.tx.store_desc(
+            head,
+            RawDescriptor::from(SplitDescriptor::new(at, frame.len() as u32, 0, 0)),
+        );
+        f.tx.publish(head);
+        if kick {
+            f.kicks[1].write(1).unwrap();
+        }
+    };
+    let mut got = [0u8; 2048];
+    send(0, true);
+    wait_for("the first frame", || f.peer.recv(&mut got).is_ok());
+    // the first interrupt after a quiet spell goes at once
+    wait_for("the first interrupt", || f.calls[1].read().is_ok());
+    // the next, due within the window, waits for its end
+    send(1, true);
+    wait_for("the second frame", || f.peer.recv(&mut got).is_ok());
+    wait_for("the second chain used", || f.tx.used_entries().len() == 2);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(f.calls[1].read().is_err(), "held to the window's end");
+    wait_for("the held interrupt", || f.calls[1].read().is_ok());
+    assert_eq!(f.net.counters().snapshot().interrupts, 2);
+    // Without a kick: the pass that sent frames left the guest's notifications off and polls
+    // the ring again, which finds this one.
+    send(2, false);
+    wait_for("a frame found by the poll", || {
+        f.peer.recv(&mut got).is_ok()
+    });
 }

@@ -146,8 +146,9 @@ fn calls(kind: Kind) -> &'static [i64] {
         Kind::ConsoleIn => &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll],
         Kind::ConsoleOut => &[],
         // epoll, eventfds (kicks, its yield and exit eventfds; the frontend's call eventfds take
-        // `write`), frames on the macvtap.
+        // `write`), frames on the macvtap, the coalescing timers.
         Kind::UserPair => &[
+            libc::SYS_timerfd_settime,
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
             libc::SYS_read,

@@ -110,6 +110,17 @@ impl DriverQueue {
             .unwrap();
     }
 
+    /// Puts `bytes` at `at` and makes them available as the one-descriptor chain `head`, for the
+    /// device to read (a TX frame).
+    pub fn offer(&self, head: u16, at: u64, bytes: &[u8]) {
+        self.mem_write(at, bytes);
+        self.store_desc(
+            head,
+            RawDescriptor::from(SplitDescriptor::new(at, bytes.len() as u32, 0, 0)),
+        );
+        self.publish(head);
+    }
+
     /// Makes `head` available (the ring entry wraps, as a driver's does).
     pub fn publish(&self, head: u16) {
         let idx = self.avail_idx();

@@ -217,41 +217,41 @@ impl UserLink {
         self.frontend.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pair_state(&self) -> MutexGuard<'_, Vec<PairState>> {
-        self.pair_state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The device uses pair `pair` (`on`) or not: its rings are enabled or disabled now if they
     /// run, or when they start.
     pub fn use_pair(&self, pair: usize, on: bool) -> Result<(), VhostError> {
-        let running = {
-            let mut state = self.pair_state();
-            let Some(s) = state.get_mut(pair) else {
-                return Ok(());
-            };
+        self.update_pair(pair, |s| {
             s.wanted = on;
             s.running
-        };
-        if running {
-            self.enable_pair(pair, on)?;
-        }
-        Ok(())
+        })
     }
 
     /// Pair `pair`'s rings started (`true`, and are enabled as the device wants) or stopped.
     pub(super) fn pair_running(&self, pair: usize, running: bool) -> Result<(), VhostError> {
+        self.update_pair(pair, |s| {
+            s.running = running;
+            running
+        })
+    }
+
+    /// Changes pair `pair`'s state with `change`, then, where it says so (the rings run), sends
+    /// the pair's rings the enable state the device wants.
+    fn update_pair(
+        &self,
+        pair: usize,
+        change: impl FnOnce(&mut PairState) -> bool,
+    ) -> Result<(), VhostError> {
         let wanted = {
-            let mut state = self.pair_state();
+            let mut state = self.pair_state.lock().unwrap_or_else(|e| e.into_inner());
             let Some(s) = state.get_mut(pair) else {
                 return Ok(());
             };
-            s.running = running;
+            if !change(s) {
+                return Ok(());
+            }
             s.wanted
         };
-        if running {
-            self.enable_pair(pair, wanted)?;
-        }
-        Ok(())
+        self.enable_pair(pair, wanted)
     }
 
     fn enable_pair(&self, pair: usize, on: bool) -> Result<(), VhostError> {

@@ -176,12 +176,7 @@ fn frames_cross_through_the_backend_and_a_reset_stops_its_rings() {
     let mut chain = vec![0u8; HDR_LEN];
     chain.extend_from_slice(frame);
     let tx = &rig.queues[TX];
-    tx.mem_write(BUFS, &chain);
-    tx.store_desc(
-        0,
-        RawDescriptor::from(SplitDescriptor::new(BUFS, chain.len() as u32, 0, 0)),
-    );
-    tx.publish(0);
+    tx.offer(0, BUFS, &chain);
     rig.kicks[TX].write(1).unwrap();
     let mut got = [0u8; 2048];
     let mut n = 0;
@@ -218,11 +213,7 @@ fn frames_cross_through_the_backend_and_a_reset_stops_its_rings() {
     // A reset stops the backend's rings: a kick after it moves nothing.
     rig.net.reset();
     assert!(!rig.backend.state().active, "{}", rig.backend.state());
-    tx.store_desc(
-        1,
-        RawDescriptor::from(SplitDescriptor::new(BUFS, chain.len() as u32, 0, 0)),
-    );
-    tx.publish(1);
+    tx.offer(1, BUFS, &chain);
     rig.kicks[TX].write(1).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(tx.used_entries().len(), 1, "nothing used after the reset");
@@ -233,11 +224,7 @@ fn frames_cross_through_the_backend_and_a_reset_stops_its_rings() {
     }
     rig.start(V1 | MRG);
     let tx = &rig.queues[TX];
-    tx.store_desc(
-        0,
-        RawDescriptor::from(SplitDescriptor::new(BUFS, chain.len() as u32, 0, 0)),
-    );
-    tx.publish(0);
+    tx.offer(0, BUFS, &chain);
     rig.kicks[TX].write(1).unwrap();
     wait_for("a frame after the restart", || {
         rig.peers[0].recv(&mut got).is_ok()

@@ -176,12 +176,7 @@ fn frames_cross_both_ways_through_the_pairs_thread() {
     let frame = b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x08\0hello vhost-user";
     let mut chain = vec![0u8; HDR_LEN];
     chain.extend_from_slice(frame);
-    f.tx.mem_write(BUFS, &chain);
-    f.tx.store_desc(
-        0,
-        RawDescriptor::from(SplitDescriptor::new(BUFS, chain.len() as u32, 0, 0)),
-    );
-    f.tx.publish(0);
+    f.tx.offer(0, BUFS, &chain);
     f.kicks[1].write(1).unwrap();
     let mut got = [0u8; 2048];
     let mut n = 0;
@@ -223,13 +218,7 @@ fn a_stopped_ring_gives_back_where_it_was_and_can_start_again() {
     let mut f = Frontend::started(V1);
     let frame = vec![0u8; HDR_LEN + 60];
     for head in 0..3u16 {
-        let at = BUFS + 0x1000 * u64::from(head);
-        f.tx.mem_write(at, &frame);
-        f.tx.store_desc(
-            head,
-            RawDescriptor::from(SplitDescriptor::new(at, frame.len() as u32, 0, 0)),
-        );
-        f.tx.publish(head);
+        f.tx.offer(head, BUFS + 0x1000 * u64::from(head), &frame);
     }
     f.kicks[1].write(1).unwrap();
     wait_for("three TX chains used", || f.tx.used_entries().len() == 3);
@@ -238,11 +227,7 @@ fn a_stopped_ring_gives_back_where_it_was_and_can_start_again() {
     // started again from there (as after a driver restart in the frontend)
     f.handler.set_vring_base(1, 3).unwrap();
     f.handler.set_vring_kick(1, Some(dup(&f.kicks[1]))).unwrap();
-    f.tx.store_desc(
-        3,
-        RawDescriptor::from(SplitDescriptor::new(BUFS, frame.len() as u32, 0, 0)),
-    );
-    f.tx.publish(3);
+    f.tx.offer(3, BUFS, &frame);
     f.kicks[1].write(1).unwrap();
     wait_for("the fourth chain used", || f.tx.used_entries().len() == 4);
 }
@@ -417,13 +402,7 @@ fn coalescing_holds_a_second_interrupt_to_the_window_and_polls_tx() {
     let f = Frontend::coalescing(V1, Duration::from_millis(500));
     let frame = vec![0u8; HDR_LEN + 60];
     let send = |head: u16, kick: bool| {
-        let at = BUFS + 0x1000 * u64::from(head);
-        f.tx.mem_write(at, &frame);
-        f.tx.store_desc(
-            head,
-            RawDescriptor::from(SplitDescriptor::new(at, frame.len() as u32, 0, 0)),
-        );
-        f.tx.publish(head);
+        f.tx.offer(head, BUFS + 0x1000 * u64::from(head), &frame);
         if kick {
             f.kicks[1].write(1).unwrap();
         }

@@ -29,6 +29,18 @@ pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 pub const F_INDIRECT: u16 = 4;
 
+/// Waits up to 5 s for `done`, which another thread (a vhost-user pair's) makes true.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 pub const fn bit(b: u32) -> u64 {
     1 << b
 }

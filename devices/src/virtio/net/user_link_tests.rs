@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tapir_net_backend::socketpair::SocketpairBackend;
 use vhost::vhost_user::BackendReqHandler;
@@ -19,7 +19,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::test_utils::{DriverQueue, F_WRITE, MQ, MRG, RX, RX1, TWO_PAIRS, TX, V1};
+use super::test_utils::{wait_for, DriverQueue, F_WRITE, MQ, MRG, RX, RX1, TWO_PAIRS, TX, V1};
 use super::{Net, UserLink, UserNet, UserNetHandler, UserQueue, HDR_LEN};
 use crate::virtio::{Interrupt, VirtioDevice};
 
@@ -141,14 +141,6 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         self.backend.stop_workers();
-    }
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tapir_net_backend::socketpair::SocketpairBackend;
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserVringAddrFlags};
@@ -16,7 +16,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::test_utils::{DriverQueue, F_WRITE, MRG, V1};
+use super::test_utils::{wait_for, DriverQueue, F_WRITE, MRG, V1};
 use super::{UserNet, UserNetHandler, HDR_LEN};
 
 const MEM: u64 = 0x40_0000;
@@ -159,14 +159,6 @@ fn dup(evt: &EventFd) -> File {
     let clone = evt.try_clone().unwrap();
     // SAFETY: the clone's descriptor is handed over whole to the File.
     unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(clone)) }
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

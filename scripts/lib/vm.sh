@@ -111,7 +111,7 @@ start_vmm() {
     local vmm=$1 t0 t1 line='' c
     rm -f "$work/mark" "$work/console.log" "$work/vmm.out" "$work/vmm.err" "$work/vmm.log" "$work/helper.log"
     mkfifo "$work/mark"
-    if [[ "$vmm" == *-vu || "$vmm" == *-vu-nc ]]; then
+    if [[ "$vmm" == *-vu* ]]; then
         [ "$qemu_tap" = fd=3 ] || { log "$vmm runs on the macvtap only"; return 1; }
         start_helper || return 1
     fi

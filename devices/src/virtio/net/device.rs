@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
-use super::pair::{nonblocking_timer, QueuePair, Scratch};
+use super::pair::{moderation_wait, nonblocking_timer, QueuePair, Scratch};
 use super::user_link::UserLink;
 use super::vhost::{VhostPair, VHOST_DATA_FEATURES};
 use super::{
@@ -310,11 +310,7 @@ impl<B: NetBackend> Net<B> {
             NetCounters::add(&self.counters.interrupts_merged, 1);
             return;
         }
-        if let Some(wait) = self
-            .last_irq
-            .and_then(|last| (last + self.coalescing).checked_duration_since(now))
-            .filter(|wait| !wait.is_zero())
-        {
+        if let Some(wait) = moderation_wait(self.last_irq, self.coalescing, now) {
             match self.moderation_timer.reset(wait, None) {
                 Ok(()) => {
                     self.irq_deferred = true;

@@ -7,6 +7,7 @@
 //! what a pass's end means for the guest (interrupts, yields, stopping on a driver error).
 
 use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
 
 use tapir_net_backend::{NetBackend, RecvBuf, SendBuf};
 use virtio_queue::{Queue, QueueT};
@@ -84,6 +85,18 @@ impl Default for Scratch {
             rx_used: Vec::with_capacity(64),
         }
     }
+}
+
+/// Interrupt moderation's rule, for the built-in device and the vhost-user backend alike: how
+/// long an interrupt due `now` waits when the last one went at `last` and the window is `window`
+/// long; `None` when it goes at once (the first after a quiet spell, or coalescing off).
+pub(super) fn moderation_wait(
+    last: Option<Instant>,
+    window: Duration,
+    now: Instant,
+) -> Option<Duration> {
+    last.and_then(|last| (last + window).checked_duration_since(now))
+        .filter(|wait| !wait.is_zero())
 }
 
 /// A timerfd whose read never blocks: the event loop reads a timer when epoll said it fired, and

@@ -50,8 +50,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::NetCounters;
-use super::device::{rx_index, Pass};
-use super::pair::{nonblocking_timer, PassContext, QueuePair, Scratch};
+use super::device::{rx_index, tx_index, Pass};
+use super::pair::{moderation_wait, nonblocking_timer, PassContext, QueuePair, Scratch};
 use super::rx::RxStash;
 use super::state::{queue_state, NetState};
 use super::{config_space, offered_features, pair_count, rx_frame_max, QUEUE_SIZE};
@@ -358,12 +358,10 @@ impl<B: NetBackend + 'static> UserNet<B> {
                         let pair = &mut *guard;
                         let _ = pair.moderation.wait();
                         let due = std::mem::take(&mut pair.deferred);
-                        pair.last_irq = None;
+                        // (the window restarts with what it held, if anything)
+                        pair.last_irq = due.iter().any(|d| *d).then(Instant::now);
                         for side in (0..2).filter(|s| due[*s]) {
                             self.signal(p, pair, side);
-                        }
-                        if due.iter().any(|d| *d) {
-                            pair.last_irq = Some(Instant::now());
                         }
                     }
                     TX_POLL => {
@@ -486,11 +484,7 @@ impl<B: NetBackend + 'static> UserNet<B> {
             return;
         }
         let now = Instant::now();
-        if let Some(wait) = pair
-            .last_irq
-            .and_then(|last| (last + self.coalescing).checked_duration_since(now))
-            .filter(|wait| !wait.is_zero())
-        {
+        if let Some(wait) = moderation_wait(pair.last_irq, self.coalescing, now) {
             match pair.moderation.reset(wait, None) {
                 Ok(()) => {
                     pair.deferred[side] = true;
@@ -565,7 +559,7 @@ impl<B: NetBackend + 'static> UserNet<B> {
             let Some(mem) = pair.mem.as_ref() else {
                 continue;
             };
-            for (side, index) in [(0, rx_index(p)), (1, rx_index(p) + 1)] {
+            for (side, index) in [(0, rx_index(p)), (1, tx_index(p))] {
                 if let Some(ring) = &pair.rings[side] {
                     live = true;
                     let usable = pair.enabled[side] && usable(&ring.queue, mem);

@@ -15,7 +15,8 @@
 # vhost=off), qemu-vhost (vhost=on), qemu-vu (QEMU's vhost-user netdev, its guest RAM a shared memfd,
 # served by Tapir's vhost-user-net daemon, started first; its pid in helper_pid), tapir-vu (Tapir's
 # --net vhost-user= on the same daemon); each gets the macvtap as fd 3 opened on the same /dev/tapN
-# (the daemon in the -vu cases; qemu-vu-nc: qemu-vu with the daemon's coalescing off).
+# (the daemon in the -vu cases; qemu-vu-cUS: qemu-vu with the daemon's coalesce=US, qemu-vu-nc: with
+# coalesce=0).
 
 qemu_extra=()
 helper_pid=
@@ -49,8 +50,9 @@ in_peer() { ip netns exec "$PEER_NS" "$@"; }
 check_vmm() {
     case "$1" in
         tapir|tapir-acpi-off|tapir-4k|tapir-vu|qemu|qemu-vu|qemu-vu-nc) ;;
+        qemu-vu-c*) [[ "$1" =~ ^qemu-vu-c[0-9]+$ ]] || die "unknown VMM: $1 (qemu-vu-cUS takes a number of microseconds)" ;;
         qemu-vhost|tapir-vhost) [ -c /dev/vhost-net ] || die "$1 needs /dev/vhost-net" ;;
-        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-vu, tapir-acpi-off, tapir-4k, qemu, qemu-vhost, qemu-vu or qemu-vu-nc)" ;;
+        *) die "unknown VMM: $1 (tapir, tapir-vhost, tapir-vu, tapir-acpi-off, tapir-4k, qemu, qemu-vhost, qemu-vu, qemu-vu-cUS or qemu-vu-nc)" ;;
     esac
 }
 
@@ -129,7 +131,7 @@ start_vmm() {
             ip netns exec "$VM_NS" "$tapir" run --kernel "$kernel" --initrd "$initrd" --acpi "$acpi" --huge-pages "$huge" \
                 --cpus "$cpus" --memory "$mem_mib" --net "$net" --boot-timer --stats --console "file=$work/console.log" \
                 --cmdline "$guest_cmdline reboot=k" 3<>"$fd3" 2>"$work/mark" >"$work/vmm.out" </dev/null & ;;
-        qemu|qemu-vhost|qemu-vu|qemu-vu-nc)
+        qemu|qemu-vhost|qemu-vu*)
             local vhost=off fd3=$TAP_DEV machine="microvm,x-option-roms=off,rtc=$qemu_rtc,acpi=$qemu_acpi"
             local netdev=(-netdev "tap,id=n0,$qemu_tap,vhost=$vhost")
             [ "$qemu_tap" = fd=3 ] || fd3=/dev/null
@@ -177,8 +179,11 @@ start_helper() {
     local i
     rm -f "$work/vu.sock"
     local spec=fd=3
-    # (qemu-vu-nc: the daemon without coalescing)
-    [[ "$vmm" != *-nc ]] || spec+=,coalesce=0
+    # (qemu-vu-nc: the daemon without coalescing; qemu-vu-cUS: with coalesce=US)
+    case "$vmm" in
+        *-nc) spec+=,coalesce=0 ;;
+        qemu-vu-c*) spec+=,coalesce=${vmm#qemu-vu-c} ;;
+    esac
     ip netns exec "$VM_NS" "$tapir" vhost-user-net --socket "$work/vu.sock" --net "$spec" --stats \
         3<>"$TAP_DEV" </dev/null >"$work/helper.log" 2>&1 &
     helper_pid=$!

@@ -127,34 +127,30 @@ const BASE: &[i64] = &[
     libc::SYS_ioctl,
 ];
 
+/// What a thread that moves frames does, the devices thread and a vhost-user pair's alike: epoll,
+/// eventfds (kicks, yields, exit), frames on the macvtap (readv/writev, and the poll that arms a
+/// full queue's wakeup, `TapQueue::write_frame`), the coalescing timers.
+const FRAMES: &[i64] = &[
+    libc::SYS_timerfd_settime,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 fn calls(kind: Kind) -> &'static [i64] {
     match kind {
         // Nothing beyond the base: its ioctls are listed in `ioctls`.
         Kind::Vcpu => &[],
-        // epoll, eventfds, frames (readv/writev), the full-queue poll, the coalescing timers.
-        Kind::Devices => &[
-            libc::SYS_timerfd_settime,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_writev,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-        ],
+        // The data plane's calls, and epoll_ctl (a vhost=on pair's kick eventfd goes back).
+        Kind::Devices => &[libc::SYS_epoll_ctl],
         Kind::ConsoleIn => &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll],
         Kind::ConsoleOut => &[],
-        // epoll, eventfds (kicks, its yield and exit eventfds; the frontend's call eventfds take
-        // `write`), frames on the macvtap, the coalescing timers.
-        Kind::UserPair => &[
-            libc::SYS_timerfd_settime,
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_writev,
-        ],
+        // The data plane's calls (the frontend's call eventfds take `write`).
+        Kind::UserPair => &[],
         // A frontend's connection and its messages (with descriptors), the memory regions it
         // shares (their file's size and seals, mapped with `mmap`), the pairs' epoll sets.
         Kind::UserServer => &[
@@ -239,7 +235,11 @@ fn filter(kind: Kind, vhost_user: bool) -> Result<BpfProgram, SeccompError> {
         (Kind::Vcpu | Kind::Devices, true) => VHOST_USER_CALLS,
         _ => &[],
     };
-    for &call in BASE.iter().chain(calls(kind)).chain(socket) {
+    let frames = match kind {
+        Kind::Devices | Kind::UserPair => FRAMES,
+        _ => &[],
+    };
+    for &call in BASE.iter().chain(calls(kind)).chain(frames).chain(socket) {
         rules.insert(call, Vec::new());
     }
     // fcntl(fd, F_GETFD) only: debug builds of std check that a descriptor is open before they
@@ -523,6 +523,7 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn numbers_are_formatted_without_allocating() {
@@ -569,6 +570,53 @@ mod tests {
             denied_syscall(),
             Some(n) if n == libc::SYS_socket || n == libc::SYS_ioctl
         ));
+    }
+
+    /// The threads that move frames (the devices thread, a vhost-user pair's) may make the calls
+    /// `TapQueue::write_frame` makes on a full queue: writev fails with EAGAIN, then poll(2) arms
+    /// the wakeup. (The daemon's pair threads lacked poll: the first full macvtap queue under a
+    /// UDP flood stopped the daemon.)
+    #[test]
+    fn the_frame_moving_threads_may_wait_for_a_full_queue() {
+        let filters = Filters::with(Seccomp::Threads, false).unwrap();
+        for kind in [Kind::Devices, Kind::UserPair] {
+            let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let t = spawn("seccomp-full".into(), &filters, kind, move || {
+                let frame = [0x5au8; 1500];
+                let iov = libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                };
+                let mut sent = 0;
+                let errno = loop {
+                    // SAFETY: one iovec over a live buffer, on a socket this closure owns.
+                    let rc = unsafe { libc::writev(ours.as_raw_fd(), &iov, 1) };
+                    if rc < 0 {
+                        // SAFETY: reading this thread's errno.
+                        break unsafe { *libc::__errno_location() };
+                    }
+                    sent += 1;
+                    assert!(sent < 1_000_000, "the socket never filled");
+                };
+                assert_eq!(
+                    errno,
+                    libc::EAGAIN,
+                    "{kind:?}: writev until the queue is full"
+                );
+                let mut pfd = libc::pollfd {
+                    fd: ours.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                let polled = unsafe { libc::poll(&mut pfd, 1, 0) };
+                assert_eq!(polled, 0, "{kind:?}: poll on the full queue (-1: refused)");
+            })
+            .unwrap();
+            t.join().expect("the sandboxed thread's checks");
+            drop(theirs);
+        }
     }
 
     /// sendmsg(2) reaches the kernel from a vCPU or the devices thread only in a VM with a

@@ -111,13 +111,22 @@ impl DeviceManager {
                 HostNic::Tap(nic) => {
                     let name = format!("eth{i} ({})", nic.iface());
                     let net = make_net(&name, nic, spec, memory)?;
-                    let ends = (nic.mac().to_string(), nic.ifindex());
+                    let ends = Ends {
+                        mac: nic.mac().to_string(),
+                        ifindex: nic.ifindex(),
+                        backend: None,
+                    };
                     wiring.attach(net, name, ends, mmio, &mut attached)?;
                 }
                 HostNic::VhostUser(link) => {
                     let name = format!("eth{i} (vhost-user {})", link.path().display());
                     let (net, mac) = make_user_net(&name, link, spec)?;
-                    wiring.attach(net, name, (mac.to_string(), None), mmio, &mut attached)?;
+                    let ends = Ends {
+                        mac: mac.to_string(),
+                        ifindex: None,
+                        backend: Some(link.clone()),
+                    };
+                    wiring.attach(net, name, ends, mmio, &mut attached)?;
                 }
             }
         }
@@ -167,6 +176,14 @@ impl HostNic {
     }
 }
 
+/// What a NIC's device is attached to besides the guest: the MAC the guest sees, the host
+/// interface's index (for its link news) or the connection to its vhost-user backend.
+struct Ends {
+    mac: String,
+    ifindex: Option<u32>,
+    backend: Option<Arc<UserLink>>,
+}
+
 /// Where one NIC's device goes: KVM, guest memory, its slot.
 struct Wiring<'a> {
     vm: &'a VmFd,
@@ -176,12 +193,12 @@ struct Wiring<'a> {
 
 impl Wiring<'_> {
     /// Wires `net` in: its QueueNotify ioeventfds and irqfd, its transport on `mmio`, its handles
-    /// (`ends`: the guest's MAC and the host interface's index, if it has one) in `attached`.
+    /// (with `ends`) in `attached`.
     fn attach<B: NetBackend + 'static>(
         &self,
         net: Net<B>,
         name: String,
-        ends: (String, Option<u32>),
+        ends: Ends,
         mmio: &mut Bus,
         attached: &mut Attached,
     ) -> Result<(), BuildError> {
@@ -206,10 +223,11 @@ impl Wiring<'_> {
         let link_of = net.clone();
         attached.net_infos.push(NetInfo {
             name,
-            mac: ends.0,
+            mac: ends.mac,
             counters,
             state: Arc::new(move || tapir_devices::bus::lock(&state_of).state()),
-            ifindex: ends.1,
+            ifindex: ends.ifindex,
+            backend: ends.backend,
             set_link: Arc::new(move |up| tapir_devices::bus::lock(&link_of).set_link(up)),
         });
         let transport = MmioTransport::new(

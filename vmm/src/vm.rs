@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{VcpuFd, VmFd};
 use tapir_devices::legacy::SerialPort;
-use tapir_devices::virtio::net::{NetCounters, NetState};
+use tapir_devices::virtio::net::{NetCounters, NetState, UserLink};
 use tapir_devices::Bus;
 use tapir_net_backend::netlink::{LinkEvent, LinkWatch};
 use vm_memory::GuestMemoryMmap;
@@ -130,6 +130,8 @@ pub struct NetInfo {
     pub(crate) state: Arc<dyn Fn() -> NetState + Send + Sync>,
     /// The host interface's index, for its link news.
     pub(crate) ifindex: Option<u32>,
+    /// The connection to the NIC's vhost-user backend, watched for the backend closing it.
+    pub(crate) backend: Option<Arc<UserLink>>,
     /// Tells the device whether the host interface is up; true when that changed its status.
     pub(crate) set_link: Arc<dyn Fn(bool) -> bool + Send + Sync>,
 }
@@ -260,6 +262,44 @@ impl MutEventSubscriber for LinkMonitor {
     }
 }
 
+/// Watches the vhost-user NICs' connections: a backend that closes its connection (it stopped or
+/// crashed) takes the guest's link down with it, once, with a message naming its socket; Tapir does
+/// not reconnect. Only hang-ups are watched: the messages on the socket belong to the requests.
+struct BackendWatch {
+    nets: Vec<NetInfo>,
+}
+
+impl MutEventSubscriber for BackendWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        for net in &self.nets {
+            if let Some(link) = &net.backend {
+                let watched = Events::new_raw(link.socket(), EventSet::READ_HANG_UP);
+                if let Err(e) = ops.add(watched) {
+                    log::error!("{}: watching its vhost-user connection: {e:?}", net.name);
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        // (level-triggered: a hang-up is reported until the socket leaves the loop)
+        let _ = ops.remove(events);
+        let Some(net) = self.nets.iter().find(|n| {
+            n.backend
+                .as_ref()
+                .is_some_and(|link| link.socket() == events.fd())
+        }) else {
+            return;
+        };
+        (net.set_link)(false);
+        log::error!(
+            "{}: the vhost-user backend closed the connection (it stopped or crashed); the NIC \
+             carries no more frames and the guest's link is down (Tapir does not reconnect)",
+            net.name
+        );
+    }
+}
+
 /// Wakes the main loop for the exit latch and turns a stop request into a stop reason.
 struct Control {
     wake: EventFd,
@@ -375,6 +415,11 @@ impl Vm {
         })));
         if let Some(monitor) = LinkMonitor::new(&self.net_infos) {
             events.add_subscriber(Arc::new(Mutex::new(monitor)));
+        }
+        if self.net_infos.iter().any(|n| n.backend.is_some()) {
+            events.add_subscriber(Arc::new(Mutex::new(BackendWatch {
+                nets: self.net_infos.clone(),
+            })));
         }
         // A system call a filter refuses stops the VM through the stop eventfd.
         let _denial = seccomp::StopOnDenial::new(self.stop.0.as_raw_fd());

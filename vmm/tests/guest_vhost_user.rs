@@ -161,7 +161,7 @@ pgrep -f "vhost-user-net --socket $SOCK" && echo "DAEMON-LEFT" || echo "no daemo
         run.stdout
             .matches("vhost-user-net: a frontend connected")
             .count(),
-        4,
+        5,
         "{run}"
     );
 }
@@ -226,10 +226,11 @@ cat $D/daemon.txt
 #[test]
 #[ignore = "needs root, KVM or the lab (QEMU), namespaces and the guest image: run by scripts/test"]
 fn tapir_as_the_frontend_of_the_daemon_carries_the_traffic_and_follows_a_killed_one() {
-    // One daemon (two pairs, on the test network's macvtap) serves Tapir four times: the traffic
+    // One daemon (two pairs, on the test network's macvtap) serves Tapir five times: the traffic
     // guest on one pair; a 2-vCPU guest on both pairs (queues=2); a Tapir killed (SIGKILL) in the
-    // middle of a TCP flood; one more after it. Each Tapir takes the macvtap's MAC from the
-    // daemon's configuration space.
+    // middle of a TCP flood; one more after it; a last one under which the daemon stops (SIGTERM):
+    // its guest sees its link go down. Each Tapir takes the macvtap's MAC from the daemon's
+    // configuration space.
     let dir = scratch_dir("vu-frontend");
     let traffic = initramfs_with_script(&dir, GUEST_TRAFFIC);
     let sub = |name: &str, script: &str| {
@@ -252,10 +253,18 @@ fn tapir_as_the_frontend_of_the_daemon_carries_the_traffic_and_follows_a_killed_
         "short",
         "sleep 1\nping -c 3 -W 2 10.77.0.1 && echo PING-LAST ok\n",
     );
+    let orphan = sub(
+        "orphan",
+        "sleep 1\necho \"CARRIER-BEFORE $(cat /sys/class/net/eth0/carrier)\"\necho LINK-WATCH\n\
+         for i in $(seq 300); do\n\
+           [ \"$(cat /sys/class/net/eth0/carrier)\" = 0 ] && { echo LINK-DOWN-SEEN; break; }\n\
+           sleep 0.1\n\
+         done\n",
+    );
     let kernel = guest_file("bzImage");
     let script = r#"
 set -u
-T=$1 K=$2 I=$3 IMQ=$4 IFLOOD=$5 ISHORT=$6 D=$7 PEER_SERVERS=$8 DAEMON_AND_QEMU=$9
+T=$1 K=$2 I=$3 IMQ=$4 IFLOOD=$5 ISHORT=$6 D=$7 PEER_SERVERS=$8 DAEMON_AND_QEMU=$9 IORPHAN=${10}
 SOCK=$D/vu.sock
 eval "$(scripts/lib/testnet up gvutf)"
 trap 'kill $(jobs -p) 2>/dev/null; scripts/lib/testnet down gvutf' EXIT
@@ -295,9 +304,16 @@ wait $t
 tapir 4 $ISHORT --net vhost-user=$SOCK
 echo "tapir-4-status=$?"
 grep -E "PING-LAST|TAPIR-EXIT" $D/tapir-4.txt
+# the daemon stops under a running Tapir: its guest sees the link go down
+tapir 5 $IORPHAN --net vhost-user=$SOCK &
+t=$!
+for _ in $(seq 300); do grep -q "LINK-WATCH" $D/tapir-5.txt 2>/dev/null && break; sleep 0.1; done
 kill -TERM $daemon
 wait $daemon
 echo "daemon-status=$?"
+wait $t
+echo "tapir-5-status=$?"
+cat $D/tapir-5.txt
 cat $D/daemon.txt
 "#;
     let run = run_script(
@@ -313,6 +329,7 @@ cat $D/daemon.txt
             dir.to_str().unwrap(),
             PEER_SERVERS,
             DAEMON_AND_QEMU,
+            orphan.to_str().unwrap(),
         ],
     );
     for wanted in [
@@ -328,6 +345,10 @@ cat $D/daemon.txt
         "PING-LAST ok",
         "tapir-4-status=0",
         "daemon-status=0",
+        "CARRIER-BEFORE 1",
+        "the vhost-user backend closed the connection",
+        "LINK-DOWN-SEEN",
+        "tapir-5-status=0",
     ] {
         assert!(run.stdout.contains(wanted), "lacks {wanted:?}\n{run}");
     }
@@ -336,7 +357,7 @@ cat $D/daemon.txt
         run.stdout
             .matches("vhost-user-net: a frontend connected")
             .count(),
-        4,
+        5,
         "{run}"
     );
     // the daemon moved the 100 MB each way (Tapir runs without --stats: its own counters would

@@ -17,7 +17,8 @@
 //! The backend is another process and may hang or die: every request has a reply deadline
 //! ([`REPLY_TIMEOUT`]), so a vCPU that starts or resets the device waits that long at most; a
 //! backend that went away leaves the NIC without frames (its requests fail and are logged) but
-//! never Tapir stopped.
+//! never Tapir stopped. Tapir does not reconnect; its event loop watches [`UserLink::socket`] and
+//! turns the guest's link down when the backend closes the connection.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -47,6 +48,8 @@ const WANTED_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
 pub struct UserLink {
     path: PathBuf,
     frontend: Mutex<Frontend>,
+    /// The connection's socket (the frontend owns it), for watching it close.
+    socket: RawFd,
     /// GET_FEATURES's answer.
     offered: u64,
     /// The protocol features both sides use.
@@ -159,6 +162,7 @@ impl UserLink {
         };
         Ok(Self {
             path: path.to_owned(),
+            socket: frontend.as_raw_fd(),
             frontend: Mutex::new(frontend),
             offered,
             protocol,
@@ -171,6 +175,12 @@ impl UserLink {
     /// The socket.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connection's socket, for an event loop to watch for the backend closing it (only
+    /// for that: its messages belong to the requests).
+    pub fn socket(&self) -> RawFd {
+        self.socket
     }
 
     /// The virtio features the backend offered.

@@ -161,7 +161,7 @@ pgrep -f "vhost-user-net --socket $SOCK" && echo "DAEMON-LEFT" || echo "no daemo
         run.stdout
             .matches("vhost-user-net: a frontend connected")
             .count(),
-        5,
+        4,
         "{run}"
     );
 }

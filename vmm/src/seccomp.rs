@@ -145,7 +145,8 @@ fn calls(kind: Kind) -> &'static [i64] {
     match kind {
         // Nothing beyond the base: its ioctls are listed in `ioctls`.
         Kind::Vcpu => &[],
-        // The data plane's calls, and epoll_ctl (a vhost=on pair's kick eventfd goes back).
+        // The data plane's calls, and epoll_ctl (the queues' fds join the event loop when the
+        // driver starts the device and leave it at a reset).
         Kind::Devices => &[libc::SYS_epoll_ctl],
         Kind::ConsoleIn => &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll],
         Kind::ConsoleOut => &[],
